@@ -1,0 +1,362 @@
+"""
+Cross-sample Consistency Regularization (C²R) for sparse autoencoders, in one file.
+
+Read it top to bottom:
+  1. c2r_loss       the penalty itself (+ the exact, blocked nearest-neighbour search)
+  2. Config, SAE    one SAE class with three activation kinds: relu (+L1), topk, batchtopk
+  3. train          a flat training loop: Adam, warmup/decay, AuxK for dead latents, C²R
+  4. metrics, save/load
+
+Shape suffixes (after saprmarks/dictionary_learning): B = batch, D = d_model, F = n_latents.
+W_dec is stored as [n_latents, d_model] (after EleutherAI/sparsify), so a latent is a row.
+
+Jin, Wang, Ren, Xie, Lian, "Cross-sample Consistency Regularization for SAEs", ICML 2026.
+"""
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# -----------------------------------------------------------------------------
+# 1. The C²R penalty
+#
+#   s_i   = max(cos(w_i, w_j(i)), 0)^2        j(i) = most similar *other* latent
+#   a_i   = || acts[:, i] ||_2                (over the batch: cross-sample)
+#   C²R   = mean_i (a_i + a_j(i))^alpha * s_i
+#
+# Two latents pointing the same way that are both active in the batch cost a lot;
+# that is exactly what splitting (near-duplicates) and absorption (a child latent
+# leaning towards its parent's direction) look like. Gradients flow into s (the
+# decoder) and into a (the codes, hence the encoder); j(i) is a constant.
+
+
+@torch.no_grad()
+def nearest_neighbours(W_dec_FD, block=2048):
+    """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary.
+
+    Exact, but computed block by block so memory is O(block * F): the F x F cosine
+    matrix never exists (65,536 latents in fp32 would need 16 GiB for it)."""
+    n = W_dec_FD.shape[0]
+    if n < 2:
+        raise ValueError(f"C²R needs at least 2 latents to find neighbours, got n_latents={n}")
+    W = F.normalize(W_dec_FD.detach(), dim=1)
+    nbr_F = torch.empty(n, dtype=torch.long, device=W.device)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        cos = W[s:e] @ W.T                                   # [block, F]
+        rows = torch.arange(e - s, device=W.device)
+        cos[rows, rows + s] = -float("inf")                  # not your own neighbour
+        nbr_F[s:e] = cos.argmax(dim=1)
+    return nbr_F
+
+
+def c2r_penalty(a_F, W_dec_FD, nbr_F, alpha=1.0):
+    """C²R from per-latent batch norms a_F and a (fixed) neighbour table nbr_F."""
+    W = F.normalize(W_dec_FD, dim=1)       # cosines, whatever the decoder's row norms
+    s_F = (W * W[nbr_F]).sum(dim=1).clamp(min=0) ** 2
+    x_F = a_F + a_F[nbr_F]
+    if alpha != 1.0:
+        # 0^alpha has an infinite slope for alpha < 1: keep pairs of silent latents
+        # (x = 0, common after TopK) out of the power so no NaN reaches the gradient.
+        on = x_F > 0
+        x_F = torch.where(on, torch.where(on, x_F, 1.0) ** alpha, 0.0)
+    return (x_F * s_F).mean()
+
+
+def c2r_loss(acts_BF, W_dec_FD, alpha=1.0, nbr_F=None, block=2048):
+    """The C²R penalty for a batch of codes acts_BF [B, F] and decoder W_dec_FD [F, D].
+
+    Paste this (with nearest_neighbours and c2r_penalty) into any SAE trainer and add
+    `lam * c2r_loss(codes, W_dec)` to the loss; for TopK SAEs pass the post-TopK codes.
+    nbr_F: a neighbour table to reuse (from nearest_neighbours); None searches afresh."""
+    if acts_BF.ndim != 2 or W_dec_FD.ndim != 2:
+        raise ValueError(f"c2r_loss wants acts [B, F] and W_dec [F, D], got acts {tuple(acts_BF.shape)} "
+                         f"and W_dec {tuple(W_dec_FD.shape)}")
+    if acts_BF.shape[1] != W_dec_FD.shape[0]:
+        raise ValueError(f"acts has {acts_BF.shape[1]} latents but W_dec has {W_dec_FD.shape[0]} rows: "
+                         f"W_dec must be [n_latents, d_model]")
+    if alpha <= 0:
+        raise ValueError(f"c2r alpha must be > 0, got {alpha}")
+    if not torch.isfinite(acts_BF).all():
+        raise ValueError("c2r_loss: acts contain NaN or inf")
+    if nbr_F is None:
+        nbr_F = nearest_neighbours(W_dec_FD, block)
+    a_F = torch.linalg.vector_norm(acts_BF, dim=0)   # its gradient is 0 (not NaN) at a = 0
+    return c2r_penalty(a_F, W_dec_FD, nbr_F, alpha)
+
+
+# -----------------------------------------------------------------------------
+# 2. The SAE
+
+KINDS = ("relu", "topk", "batchtopk")
+
+
+@dataclass
+class Config:
+    # the SAE
+    d_model: int = 64
+    n_latents: int = 512
+    kind: str = "batchtopk"      # relu (+L1) | topk | batchtopk
+    k: int = 8                   # active latents per sample (topk), on average (batchtopk)
+    l1_coeff: float = 1e-3       # relu only: decoder-norm-weighted L1
+    # C²R
+    c2r_lambda: float = 0.0      # 0 = baseline
+    c2r_alpha: float = 1.0
+    c2r_warmup: float = 0.0      # fraction of steps over which lambda ramps up from 0
+    nbr_every: int = 1           # refresh the neighbour table every R steps (R=1: the exact definition)
+    # dead latents (topk kinds): AuxK, Gao et al. 2024
+    aux_k: int = 0               # 0 = d_model // 2
+    aux_coeff: float = 1 / 32
+    dead_tokens: int = 1_000_000  # a latent silent for this many tokens is dead
+    # optimisation
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: float = 0.05         # fraction of steps of linear LR warmup
+    decay: float = 0.2           # fraction of steps, at the end, of linear LR decay to 0
+    l1_warmup: float = 0.05      # relu only: fraction of steps over which l1_coeff ramps up
+    clip_grad: float = 1.0
+    thr_momentum: float = 0.99   # batchtopk: EMA of the inference threshold
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown SAE kind {self.kind!r}, expected one of {KINDS}")
+        if self.d_model < 1 or self.n_latents < 1:
+            raise ValueError(f"d_model and n_latents must be >= 1, got {self.d_model}, {self.n_latents}")
+        if self.kind != "relu" and not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
+        if self.c2r_lambda < 0:
+            raise ValueError(f"c2r_lambda must be >= 0, got {self.c2r_lambda}")
+        if self.c2r_alpha <= 0:
+            raise ValueError(f"c2r_alpha must be > 0, got {self.c2r_alpha}")
+        if self.l1_coeff < 0:
+            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff}")
+        if self.nbr_every < 1:
+            raise ValueError(f"nbr_every must be >= 1, got {self.nbr_every}")
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError(f"need steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        D, Fn = cfg.d_model, cfg.n_latents
+        g = torch.Generator().manual_seed(cfg.seed)
+        W_dec = F.normalize(torch.randn(Fn, D, generator=g), dim=1)
+        self.W_dec_FD = nn.Parameter(W_dec)               # unit-norm rows, kept so exactly
+        self.W_enc_DF = nn.Parameter(W_dec.T.clone())     # encoder = decoder transpose at init
+        self.b_enc_F = nn.Parameter(torch.zeros(Fn))
+        self.b_dec_D = nn.Parameter(torch.zeros(D))       # set from data by train()
+        # statistics, updated by the train step (never by a loss)
+        self.register_buffer("threshold", torch.tensor(0.0))               # batchtopk inference
+        self.register_buffer("tokens_since_fired", torch.zeros(Fn, dtype=torch.long))
+
+    def check(self, x_BD):
+        if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_model:
+            raise ValueError(f"expected activations of shape [batch, d_model={self.cfg.d_model}], "
+                             f"got {tuple(x_BD.shape)}")
+
+    def pre_acts(self, x_BD):
+        self.check(x_BD)
+        return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
+
+    def activate(self, pre_BF):
+        kind, k = self.cfg.kind, self.cfg.k
+        if kind == "relu":
+            return F.relu(pre_BF)
+        if kind == "topk":
+            vals, idx = pre_BF.topk(k, dim=1)
+            return torch.zeros_like(pre_BF).scatter(1, idx, F.relu(vals))
+        if self.training:   # batchtopk: the k*B largest over the whole batch
+            flat = pre_BF.flatten()
+            vals, idx = flat.topk(min(k * pre_BF.shape[0], flat.numel()))
+            return torch.zeros_like(flat).scatter(0, idx, F.relu(vals)).view_as(pre_BF)
+        # batchtopk at inference: a learned threshold, so one sample's code ignores its batch
+        return pre_BF * (pre_BF > self.threshold)
+
+    def encode(self, x_BD):
+        return self.activate(self.pre_acts(x_BD))
+
+    def decode(self, acts_BF):
+        return acts_BF @ self.W_dec_FD + self.b_dec_D
+
+    def forward(self, x_BD):
+        pre_BF = self.pre_acts(x_BD)
+        acts_BF = self.activate(pre_BF)
+        return self.decode(acts_BF), acts_BF, pre_BF
+
+    @torch.no_grad()
+    def renorm_(self):
+        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True))
+
+
+@torch.no_grad()
+def geometric_median(x_BD, iters=50, eps=1e-8):
+    """Weiszfeld's algorithm. b_dec starts here rather than at the mean: the median is not
+    dragged by the few huge-norm tokens that real residual streams have (e.g. the BOS-like
+    'massive activations'), and on clean data it is close to the mean anyway."""
+    m = x_BD.mean(0)
+    for _ in range(iters):
+        w = 1 / (x_BD - m).norm(dim=1).clamp(min=eps)
+        m = (w[:, None] * x_BD).sum(0) / w.sum()
+    return m
+
+
+# -----------------------------------------------------------------------------
+# 3. Training
+
+def lr_at(step, cfg):
+    """Linear warmup, constant, then linear decay to 0 over the last `decay` of the run."""
+    warm, dec = cfg.warmup * cfg.steps, cfg.decay * cfg.steps
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if step >= cfg.steps - dec:
+        return cfg.lr * (cfg.steps - step) / dec
+    return cfg.lr
+
+
+def ramp(step, frac, steps):
+    """0 -> 1 linearly over the first `frac` of the run (1 throughout if frac == 0)."""
+    return 1.0 if frac <= 0 else min(1.0, (step + 1) / (frac * steps))
+
+
+def aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F):
+    """AuxK (Gao et al. 2024): the top aux_k *dead* latents must model the residual the live
+    ones leave, which gives dead latents a gradient that pulls them back towards the data."""
+    n_dead = int(dead_F.sum())
+    if n_dead == 0:
+        return x_BD.new_zeros(())
+    k_aux = min(sae.cfg.aux_k or sae.cfg.d_model // 2, n_dead)
+    vals, idx = pre_BF.masked_fill(~dead_F, -float("inf")).topk(k_aux, dim=1)
+    aux_acts = torch.zeros_like(pre_BF).scatter(1, idx, F.relu(vals))
+    e_BD = (x_BD - x_hat_BD).detach()
+    e_hat_BD = aux_acts @ sae.W_dec_FD
+    return (e_hat_BD - e_BD).pow(2).sum(-1).mean() / e_BD.pow(2).sum(-1).mean().clamp(min=1e-12)
+
+
+def train(sae, batches, cfg=None, progress=True):
+    """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
+
+    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps."""
+    cfg = cfg or sae.cfg
+    dev = sae.W_dec_FD.device
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    it = iter(batches)
+    nbr_F, log = None, []
+    sae.train()
+    pbar = tqdm(range(cfg.steps), disable=not progress, dynamic_ncols=True)
+    for step in pbar:
+        try:
+            x = next(it)
+        except StopIteration:
+            raise ValueError(f"`batches` ran out after {step} of {cfg.steps} steps") from None
+        x = x.to(dev, torch.float32)
+        sae.check(x)
+        if step == 0:
+            sae.b_dec_D.data.copy_(geometric_median(x))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+
+        # ---- the loss
+        x_hat, acts, pre = sae(x)
+        recon = (x_hat - x).pow(2).sum(-1).mean()
+        loss = recon
+        if cfg.kind == "relu":
+            l1 = (acts * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
+            loss = loss + cfg.l1_coeff * ramp(step, cfg.l1_warmup, cfg.steps) * l1
+        else:
+            dead = sae.tokens_since_fired > cfg.dead_tokens
+            loss = loss + cfg.aux_coeff * aux_loss(sae, x, x_hat, pre, dead)
+        c2r = None
+        if cfg.c2r_lambda > 0:
+            if nbr_F is None or step % cfg.nbr_every == 0:
+                nbr_F = nearest_neighbours(sae.W_dec_FD)
+            c2r = c2r_penalty(torch.linalg.vector_norm(acts, dim=0), sae.W_dec_FD, nbr_F, cfg.c2r_alpha)
+            loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
+        if not torch.isfinite(loss):
+            what = "the input batch contains NaN or inf" if not torch.isfinite(x).all() else \
+                   "the SAE's weights or activations overflowed (try a lower lr or c2r_lambda)"
+            raise FloatingPointError(f"non-finite loss at step {step}: {what}")
+
+        # ---- the update: keep decoder rows on the unit sphere exactly
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W, G = sae.W_dec_FD, sae.W_dec_FD.grad
+            G -= (G * W).sum(1, keepdim=True) * W     # drop the radial part of the gradient
+        if cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
+        opt.step()
+        sae.renorm_()                                  # and undo Adam's drift off the sphere
+
+        # ---- statistics, here and nowhere else
+        with torch.no_grad():
+            fired = (acts > 0).any(0)
+            sae.tokens_since_fired += x.shape[0]
+            sae.tokens_since_fired[fired] = 0
+            if cfg.kind == "batchtopk":   # EMA of the smallest code kept by BatchTopK
+                lo = acts[acts > 0].min() if fired.any() else sae.threshold
+                m = cfg.thr_momentum
+                sae.threshold.copy_(torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo))
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            with torch.no_grad():
+                if c2r is None:
+                    c2r = c2r_loss(acts, sae.W_dec_FD, cfg.c2r_alpha)
+                row = dict(step=step, loss=loss.item(), fvu=fvu(x, x_hat).item(), l0=l0(acts).item(),
+                           c2r=c2r.item(), dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum()))
+            log.append(row)
+            pbar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
+                             c2r=f"{row['c2r']:.3g}", dead=row["dead"])
+    sae.eval()
+    return sae, log
+
+
+# -----------------------------------------------------------------------------
+# 4. Metrics and checkpoints
+
+def fvu(x_BD, x_hat_BD):
+    """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2."""
+    return (x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
+
+
+def l0(acts_BF):
+    """Mean number of active latents per sample."""
+    return (acts_BF != 0).float().sum(1).mean()
+
+
+def dead_fraction(acts_NF):
+    """Fraction of latents that never fire on these samples."""
+    return ((acts_NF != 0).sum(0) == 0).float().mean()
+
+
+def save(sae, path, **extra):
+    """Write atomically (temp file + rename), so a crash never leaves half a checkpoint.
+    Only tensors and plain Python values: loads with torch.load(weights_only=True)."""
+    obj = dict(config=asdict(sae.cfg), state=sae.state_dict(), **extra)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path, map_location="cpu"):
+    """Returns (sae, extra): the SAE in eval mode, and whatever else save() was given."""
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    names = {f.name for f in fields(Config)}
+    cfg = Config(**{k: v for k, v in obj.pop("config").items() if k in names})
+    sae = SAE(cfg)
+    sae.load_state_dict(obj.pop("state"))
+    return sae.eval(), obj
