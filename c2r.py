@@ -3,7 +3,8 @@ Cross-sample Consistency Regularization (C²R) for sparse autoencoders, in one f
 
 Read it top to bottom:
   1. c2r_loss       the penalty itself (+ the exact, blocked nearest-neighbour search)
-  2. Config, SAE    one SAE class with three activation kinds: relu (+L1), topk, batchtopk
+  2. Config, SAE    one SAE class with four activation kinds: relu (+L1), topk, batchtopk,
+                    matryoshka (BatchTopK + nested prefix losses)
   3. train          a flat training loop: Adam, warmup/decay, AuxK for dead latents, C²R
   4. metrics, save/load
 
@@ -94,7 +95,7 @@ def c2r_loss(acts_BF, W_dec_FD, alpha=1.0, nbr_F=None, block=2048):
 # -----------------------------------------------------------------------------
 # 2. The SAE
 
-KINDS = ("relu", "topk", "batchtopk")
+KINDS = ("relu", "topk", "batchtopk", "matryoshka")
 
 
 @dataclass
@@ -102,9 +103,10 @@ class Config:
     # the SAE
     d_model: int = 64
     n_latents: int = 512
-    kind: str = "batchtopk"      # relu (+L1) | topk | batchtopk
-    k: int = 8                   # active latents per sample (topk), on average (batchtopk)
+    kind: str = "batchtopk"      # relu (+L1) | topk | batchtopk | matryoshka
+    k: int = 8                   # active latents per sample (topk), on average (batchtopk, matryoshka)
     l1_coeff: float = 1e-3       # relu only: decoder-norm-weighted L1
+    prefixes: tuple = ()         # matryoshka only: nested sizes m_1 < m_2 < ...; n_latents is always last
     # C²R
     c2r_lambda: float = 0.0      # 0 = baseline
     c2r_alpha: float = 1.0
@@ -128,6 +130,16 @@ class Config:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown SAE kind {self.kind!r}, expected one of {KINDS}")
+        # a tuple of ints, so asdict() stays plain Python and a weights_only checkpoint rebuilds it
+        self.prefixes = tuple(int(m) for m in self.prefixes)
+        if self.prefixes and self.kind != "matryoshka":
+            raise ValueError(f"prefixes={self.prefixes} only apply to kind='matryoshka', not {self.kind!r}")
+        if self.kind == "matryoshka":
+            if self.prefixes[-1:] != (self.n_latents,):
+                self.prefixes += (self.n_latents,)
+            if any(a >= b for a, b in zip((0,) + self.prefixes, self.prefixes)):
+                raise ValueError(f"prefixes must increase strictly from >= 1 to n_latents={self.n_latents}, "
+                                 f"got {self.prefixes}")
         if self.d_model < 1 or self.n_latents < 1:
             raise ValueError(f"d_model and n_latents must be >= 1, got {self.d_model}, {self.n_latents}")
         if self.kind != "relu" and not 1 <= self.k <= self.n_latents:
@@ -175,7 +187,7 @@ class SAE(nn.Module):
         if kind == "topk":
             vals, idx = pre_BF.topk(k, dim=1)
             return torch.zeros_like(pre_BF).scatter(1, idx, F.relu(vals))
-        if self.training:   # batchtopk: the k*B largest over the whole batch
+        if self.training:   # batchtopk (and matryoshka): the k*B largest over the whole batch
             flat = pre_BF.flatten()
             vals, idx = flat.topk(min(k * pre_BF.shape[0], flat.numel()))
             return torch.zeros_like(flat).scatter(0, idx, F.relu(vals)).view_as(pre_BF)
@@ -242,6 +254,18 @@ def aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F):
     return (e_hat_BD - e_BD).pow(2).sum(-1).mean() / e_BD.pow(2).sum(-1).mean().clamp(min=1e-12)
 
 
+def prefix_losses(sae, x_BD, acts_BF):
+    """Matryoshka (Bussmann et al. 2025): the reconstruction loss of each nested sub-SAE, which
+    must rebuild x from latents [0:m] alone -> [len(prefixes)]. A parent folded into its child's
+    latent is then an error for every prefix that holds the parent's latent but not the child's."""
+    x_hat_BD, losses, lo = sae.b_dec_D, [], 0
+    for m in sae.cfg.prefixes:
+        x_hat_BD = x_hat_BD + acts_BF[:, lo:m] @ sae.W_dec_FD[lo:m]    # add one group at a time
+        losses.append((x_hat_BD - x_BD).pow(2).sum(-1).mean())
+        lo = m
+    return torch.stack(losses)
+
+
 def train(sae, batches, cfg=None, progress=True):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
 
@@ -268,6 +292,10 @@ def train(sae, batches, cfg=None, progress=True):
         # ---- the loss
         x_hat, acts, pre = sae(x)
         recon = (x_hat - x).pow(2).sum(-1).mean()
+        if cfg.kind == "matryoshka":
+            # the mean over the nested prefixes, as the reference code does; the paper writes a sum,
+            # the same up to a constant factor (the number of prefixes). The last prefix is `recon`.
+            recon = prefix_losses(sae, x, acts).mean()
         loss = recon
         if cfg.kind == "relu":
             l1 = (acts * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
@@ -302,7 +330,7 @@ def train(sae, batches, cfg=None, progress=True):
             fired = (acts > 0).any(0)
             sae.tokens_since_fired += x.shape[0]
             sae.tokens_since_fired[fired] = 0
-            if cfg.kind == "batchtopk":   # EMA of the smallest code kept by BatchTopK
+            if cfg.kind in ("batchtopk", "matryoshka"):   # EMA of the smallest code kept by BatchTopK
                 lo = acts[acts > 0].min() if fired.any() else sae.threshold
                 m = cfg.thr_momentum
                 sae.threshold.copy_(torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo))
