@@ -153,6 +153,55 @@ def evaluate(sae, data, x, f):
 
 
 # -----------------------------------------------------------------------------
+# cross-run stability: do two runs learn the same latents?
+
+def assign(S):
+    """Exact maximum-weight one-to-one matching of the rows of S [n, m] (n <= m) to columns:
+    the Hungarian algorithm with potentials (Kuhn-Munkres, as in Jonker-Volgenant's shortest
+    augmenting paths), O(n^2 m), the inner loop over columns in numpy. Returns col[n].
+    (scipy.optimize.linear_sum_assignment does the same; scipy is not a dependency.)"""
+    C = -np.asarray(S, dtype=np.float64)             # maximise S = minimise -S
+    n, m = C.shape
+    if n > m:
+        raise ValueError(f"assign wants no more rows than columns, got {n} x {m}: pass S.T")
+    u, v = np.zeros(n + 1), np.zeros(m + 1)          # dual potentials; index 0 is a virtual column
+    row_of = np.zeros(m + 1, dtype=np.int64)         # row_of[j]: 1-based row matched to column j, 0 = free
+    for i in range(1, n + 1):                        # add rows one at a time, each by one augmenting path
+        row_of[0], j0 = i, 0
+        minv, way = np.full(m + 1, np.inf), np.zeros(m + 1, dtype=np.int64)
+        used = np.zeros(m + 1, dtype=bool)
+        while row_of[j0] != 0:                       # Dijkstra on reduced costs until a free column
+            used[j0] = True
+            i0, free = row_of[j0], ~used
+            cur = C[i0 - 1] - u[i0] - v[1:]
+            better = free[1:] & (cur < minv[1:])
+            minv[1:][better], way[1:][better] = cur[better], j0
+            j1 = 1 + np.where(free[1:], minv[1:], np.inf).argmin()
+            delta = minv[j1]
+            u[row_of[used]] += delta
+            v[used] -= delta
+            minv[free] -= delta
+            j0 = j1
+        while j0:                                    # flip the path's edges
+            j1 = way[j0]
+            row_of[j0], j0 = row_of[j1], j1
+    col = np.empty(n, dtype=np.int64)
+    col[row_of[1:][row_of[1:] > 0] - 1] = np.nonzero(row_of[1:])[0]
+    return col
+
+
+def stability(W_a_FD, W_b_FD, alive_a=None, alive_b=None, thr=0.9):
+    """Match the live latents of two SAEs one to one by decoder cosine (exact, assign()) and
+    return (fraction matched at cosine >= thr, mean matched cosine). The fraction is over the
+    larger of the two live sets, so a latent left without a partner counts as unmatched."""
+    A = F.normalize(W_a_FD[alive_a] if alive_a is not None else W_a_FD, dim=1)
+    B = F.normalize(W_b_FD[alive_b] if alive_b is not None else W_b_FD, dim=1)
+    S = (A @ B.T).double().numpy() if len(A) <= len(B) else (B @ A.T).double().numpy()
+    cos = S[np.arange(len(S)), assign(S)]
+    return float((cos >= thr).sum() / max(len(A), len(B))), float(cos.mean())
+
+
+# -----------------------------------------------------------------------------
 # the experiment
 
 def run(kind, lam, seed, args, toy):
