@@ -15,6 +15,7 @@ Every metric below is computed against the ground truth; README.md gives the for
 """
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 
@@ -204,31 +205,176 @@ def stability(W_a_FD, W_b_FD, alive_a=None, alive_b=None, thr=0.9):
 # -----------------------------------------------------------------------------
 # the experiment
 
-def run(kind, lam, seed, args, toy):
+def matryoshka_prefixes(width):
+    """Nested prefixes at 1/16, 1/8, 1/4, 1/2 and all of the dictionary: Bussmann et al.'s
+    groups of sizes F/16, F/16, F/8, F/4, F/2."""
+    return tuple(sorted({max(1, width // d) for d in (16, 8, 4, 2, 1)}))
+
+
+def run(kind, lam, seed, args, toy, sae_seed=None, full=False):
+    """Train one SAE on the toy whose ground truth is drawn with `seed`. sae_seed (default: seed)
+    sets the SAE's init and the order of the training data: a second sae_seed on the same toy is
+    the 'same SAE, another run' of the stability measurement. full=True also returns the SAE's
+    decoder and which latents fire on the evaluation set."""
+    sae_seed = seed if sae_seed is None else sae_seed
     data = ToyData(Toy(**{**toy.__dict__, "seed": seed}))
     cfg = c2r.Config(d_model=toy.d_model, n_latents=args.width, kind=kind, k=args.k, l1_coeff=args.l1,
+                     prefixes=matryoshka_prefixes(args.width) if kind == "matryoshka" else (),
                      c2r_lambda=lam, c2r_alpha=args.alpha, steps=args.steps, lr=args.lr,
-                     dead_tokens=args.batch * 200, seed=seed)
-    torch.manual_seed(seed)
-    sae, _ = c2r.train(c2r.SAE(cfg), data.batches(args.batch, seed), progress=False)
+                     dead_tokens=args.batch * 200, seed=sae_seed)
+    torch.manual_seed(sae_seed)
+    sae, _ = c2r.train(c2r.SAE(cfg), data.batches(args.batch, sae_seed), progress=False)
     x, f = data.sample(args.n_eval, torch.Generator().manual_seed(10_000 + seed))
-    return evaluate(sae, data, x, f)
+    m = evaluate(sae, data, x, f)
+    if not full:
+        return m
+    with torch.no_grad():
+        return m, sae.W_dec_FD.detach().clone(), (sae.encode(x) > 0).any(0)
+
+
+def run_job(job):
+    """One (kind, lam, seed, args, toy) job -> metrics; with args.stability, the run's twin
+    (same toy, another SAE seed and data order) is trained too and the two are matched."""
+    kind, lam, seed, args, toy = job
+    m, W_a, alive_a = run(kind, lam, seed, args, toy, full=True)
+    if args.stability:
+        _, W_b, alive_b = run(kind, lam, seed, args, toy, sae_seed=1000 + seed, full=True)
+        m["stab09"], m["stab_cos"] = stability(W_a, W_b, alive_a, alive_b)
+        # chance: the same statistic for unrelated random dictionaries of the same live sizes
+        g = torch.Generator().manual_seed(seed)
+        m["chance_cos"] = stability(torch.randn(int(alive_a.sum()), toy.d_model, generator=g),
+                                    torch.randn(int(alive_b.sum()), toy.d_model, generator=g))[1]
+    return m
+
+
+def run_all(jobs, n_jobs):
+    """Run jobs in order, or over n_jobs worker processes (spawned: a fresh torch each) with one
+    thread each, so N workers share N cores without fighting over them."""
+    if n_jobs <= 1:
+        return [run_job(j) for j in jobs]
+    import multiprocessing as mp
+    pool = mp.get_context("spawn").Pool(n_jobs, initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        return pool.map(run_job, jobs, chunksize=1)
+    finally:
+        pool.close()     # let the workers exit on their own: terminate() would leak their locks
+        pool.join()
 
 
 COLS = ["absorb", "absorb_part", "split", "recov", "recov09", "fvu", "l0", "dead"]
+STAB_COLS = ["stab09", "stab_cos", "chance_cos"]
 
 
-def table(rows):
+def table(rows, cols=COLS, names=("kind", "lambda")):
     """rows: {(kind, lam): [metrics per seed]} -> printed mean ± std table."""
-    head = f"{'kind':>10} {'lambda':>7} " + " ".join(f"{c:>15}" for c in COLS)
+    head = " ".join(f"{n:>10}" for n in names) + " " + " ".join(f"{c:>15}" for c in cols)
     lines = [head, "-" * len(head)]
-    for (kind, lam), ms in rows.items():
+    for key, ms in rows.items():
         cells = []
-        for c in COLS:
+        for c in cols:
             v = np.array([m[c] for m in ms])
             cells.append(f"{v.mean():7.3f} ± {v.std():5.3f}")
-        lines.append(f"{kind:>10} {lam:>7g} " + " ".join(f"{s:>15}" for s in cells))
+        lines.append(" ".join(f"{k:>10}" if isinstance(k, str) else f"{k:>10g}" for k in key) + " "
+                     + " ".join(f"{s:>15}" for s in cells))
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# --compare: baseline, C²R, Matryoshka, Matryoshka + C²R side by side, on two toys
+
+# in the spirit of Nabeshima's Matryoshka toy (github.com/noanabeshima/matryoshka-saes, tree.json):
+# 3 parents (p=0.15), each with 3 mutually exclusive children (p=0.2 each given the parent, so
+# 0.6 for some child), 8 independent features (p=0.05), binary magnitudes, 20 orthogonal directions
+# in 20 dimensions. Its SAE: 40 latents, k=2 (the toy has 1.1 active features per sample, ours 1.8).
+NABESHIMA = Toy(d_model=20, n_parents=3, n_children=3, n_indep=8, p_parent=0.15, p_child=0.6,
+                p_indep=0.05, mag_lo=1.0, mag_hi=1.0)
+NABESHIMA_SAE = dict(width=40, k=2)
+
+
+def compare(args):
+    settings = [("ours", Toy(), {}), ("nabeshima", NABESHIMA, NABESHIMA_SAE)]
+    keys, jobs = [], []
+    for name, toy, over in settings:
+        a = argparse.Namespace(**{**vars(args), **over, "stability": True})
+        for kind in ("batchtopk", "matryoshka"):
+            for lam in (0.0, DEFAULT_LAM[kind] if args.lam is None else args.lam):
+                keys.append((name, kind, lam))
+                jobs += [(kind, lam, s, a, toy) for s in args.seeds]
+    res = iter(run_all(jobs, args.jobs))
+    rows = {key: [next(res) for _ in args.seeds] for key in keys}
+    out = []
+    for name, *_ in settings:
+        sub = {key[1:]: ms for key, ms in rows.items() if key[0] == name}
+        out += [f"toy: {name}", table(sub), table(sub, STAB_COLS), ""]
+    return rows, "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# --sweep: whole trade-off curves, absorption and splitting against FVU
+
+def sweep_grid(args):
+    """(method, knob name, knob value, kind, lam, overrides): each method's sparsity knob around
+    the defaults (k for the TopK kinds, the L1 coefficient for ReLU), and C²R across lambda at
+    the default k. BatchTopK fixes L0 = k, so '+ C²R' at the same k is C²R at matched L0."""
+    lam = {kind: DEFAULT_LAM[kind] if args.lam is None else args.lam for kind in DEFAULT_LAM}
+    ks = sorted({max(1, round(args.k * f)) for f in (0.5, 0.75, 1, 1.5, 2)})
+    grid = []
+    for method, kind, l in [("BatchTopK", "batchtopk", 0.0), ("BatchTopK+C2R", "batchtopk", lam["batchtopk"]),
+                            ("Matryoshka", "matryoshka", 0.0), ("Matryoshka+C2R", "matryoshka", lam["matryoshka"])]:
+        grid += [(method, "k", k, kind, l, dict(k=k)) for k in ks]
+    grid += [("C2R-lambda", "lambda", lam["batchtopk"] * f, "batchtopk", lam["batchtopk"] * f, {})
+             for f in (0.1, 0.3, 1, 3, 10)]
+    grid += [("ReLU", "l1", args.l1 * f, "relu", 0.0, dict(l1=args.l1 * f)) for f in (0.25, 0.5, 1, 2, 4)]
+    grid += [("ReLU+C2R", "l1", args.l1 * f, "relu", lam["relu"], dict(l1=args.l1 * f))
+             for f in (0.25, 0.5, 1, 2, 4)]
+    return grid
+
+
+SWEEP_PANELS = [("absorb", "full absorption"), ("absorb_part", "partial absorption"), ("split", "splitting")]
+
+
+def plot_sweep(rows, path):
+    """One curve per method: each metric against FVU, mean ± std over seeds. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = list(dict.fromkeys(key[0] for key in rows))
+    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(13, 4.2))
+    for ax, (col, title) in zip(axes, SWEEP_PANELS):
+        for i, method in enumerate(methods):
+            pts = [(key, ms) for key, ms in rows.items() if key[0] == method]
+            x = np.array([[m["fvu"] for m in ms] for _, ms in pts])
+            y = np.array([[m[col] for m in ms] for _, ms in pts])
+            dashed = method.endswith("C2R") or method == "C2R-lambda"
+            ax.errorbar(x.mean(1), y.mean(1), xerr=x.std(1), yerr=y.std(1), marker="os^vDP<"[i % 7],
+                        ms=4, capsize=2, lw=1.2, ls="--" if dashed else "-", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("FVU (log)")
+        ax.set_title(f"{title} vs FVU")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def sweep(args):
+    """Returns (rows, table text); writes the table to args.out + '.txt' and, where matplotlib is
+    installed, the figure to args.out + '.png'."""
+    grid = sweep_grid(args)
+    jobs = [(kind, lam, s, argparse.Namespace(**{**vars(args), **over, "stability": False}), Toy())
+            for _, _, _, kind, lam, over in grid for s in args.seeds]
+    res = iter(run_all(jobs, args.jobs))
+    rows = {(method, name, v): [next(res) for _ in args.seeds] for method, name, v, *_ in grid}
+    text = table(rows, names=("method", "knob", "value"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".txt", "w") as f:
+        f.write(text + "\n")
+    try:
+        plot_sweep(rows, args.out + ".png")
+    except ImportError:
+        print("matplotlib is not installed: table only (pip install matplotlib for the figure)")
+    return rows, text
 
 
 def main(argv=None):
@@ -244,9 +390,20 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-eval", type=int, default=8192)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sweep", action="store_true", help="trade-off curves: every method across its knob")
+    ap.add_argument("--compare", action="store_true",
+                    help="baseline, C²R, Matryoshka, Matryoshka + C²R on two toys, with cross-run stability")
+    ap.add_argument("--jobs", type=int, default=2, help="--sweep/--compare: worker processes")
+    ap.add_argument("--out", default="figures/sweep", help="--sweep writes OUT.txt and OUT.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    kinds = c2r.KINDS if args.kind == "all" else [args.kind]
+    if args.sweep or args.compare:
+        t0 = time.time()
+        rows, text = sweep(args) if args.sweep else compare(args)
+        print(text)
+        print(f"{len(args.seeds)} seeds, {args.jobs} jobs, {time.time() - t0:.1f} s")
+        return rows
+    kinds = ("relu", "topk", "batchtopk") if args.kind == "all" else [args.kind]   # matryoshka: --compare
     toy = Toy()
     t0 = time.time()
     rows = {}
@@ -261,6 +418,7 @@ def main(argv=None):
 
 DEFAULT_LAM = dict(relu=0.1, topk=0.1, batchtopk=0.1)
 DEFAULT_L1 = 0.05
+DEFAULT_LAM.setdefault("matryoshka", DEFAULT_LAM["batchtopk"])
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,32 @@
+"""`train_toy.py --sweep` writes its table, and its figure where matplotlib is installed."""
+
+import sys
+
+import pytest
+
+import train_toy
+
+TINY = ["--sweep", "--steps", "10", "--seeds", "0", "--batch", "64", "--n-eval", "256", "--width", "16",
+        "--jobs", "1"]
+
+
+def test_sweep_writes_table_and_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figs" / "sweep"
+    rows = train_toy.main(TINY + ["--out", str(out)])
+    text = (tmp_path / "figs" / "sweep.txt").read_text()
+    methods = {key[0] for key in rows}
+    assert methods == {"BatchTopK", "BatchTopK+C2R", "Matryoshka", "Matryoshka+C2R", "C2R-lambda", "ReLU",
+                       "ReLU+C2R"}
+    assert all(m in text for m in methods) and len(text.splitlines()) == len(rows) + 2
+    png = (tmp_path / "figs" / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_sweep_without_matplotlib_still_writes_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # `import matplotlib` now raises ImportError
+    out = tmp_path / "sweep"
+    rows = train_toy.main(TINY + ["--out", str(out)])
+    assert (tmp_path / "sweep.txt").read_text().count("\n") == len(rows) + 2
+    assert not (tmp_path / "sweep.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out
