@@ -42,7 +42,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0):
     """Returns (model, tok). tok is None only when no tokenizer can be found and none is
     needed (a --random-init run on --data random)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2Tokenizer
     if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"--model {name!r}: no such model directory")
     kw = dict(gguf_file=gguf_file) if gguf_file else {}
@@ -59,10 +59,13 @@ def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0):
     tok = None
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer or name, **({} if tokenizer else kw))
+    except Exception as e:
+        if tokenizer and os.path.exists(os.path.join(tokenizer, "merges.txt")):
+            tok = GPT2Tokenizer.from_pretrained(tokenizer)    # bare GPT-2 BPE files: vocab.json + merges.txt
+        elif tokenizer:
+            raise ValueError(f"cannot load tokenizer {tokenizer!r} ({type(e).__name__}: {str(e)[:300]})") from None
+    if tok is not None:
         tok.model_max_length = int(1e12)      # we cut contexts ourselves; silence the length warning
-    except Exception:
-        if tokenizer:
-            raise ValueError(f"cannot load tokenizer {tokenizer!r}") from None
     return model.eval(), tok
 
 
@@ -112,7 +115,8 @@ def ce_loss(model, blocks, layer, ids_BT, splice=None, amp=nullcontext()):
     def hook(mod, inp, out):
         h = _hidden(out)
         new = h.clone()
-        new[:, 1:] = splice(h[:, 1:].float()).to(h.dtype)
+        with torch.autocast(h.device.type, enabled=False):     # the SAE runs in fp32
+            new[:, 1:] = splice(h[:, 1:].float()).to(h.dtype)
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     hd = blocks[layer].register_forward_hook(hook) if splice is not None else None
@@ -410,14 +414,13 @@ ICL = [" tartan", " mode", " sugar"]          # a fixed few-shot prefix (fixed: 
 @torch.no_grad()
 def letter_activations(model, blocks, layer, tok, words, device, batch=64, amp=nullcontext()):
     """The residual stream at the word's position in
-    '<bos> tartan has the first letter: T\\n ... {word} has the first letter:'."""
+    '<bos> tartan has the first letter: T\\n ... {word} has the first letter:'. In a causal LM
+    what follows the word cannot change it, so the prompt is run up to the word only."""
     enc = lambda s: tok(s, add_special_tokens=False).input_ids
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     prefix = [bos] + sum((enc(f"{w} has the first letter: {w[1].upper()}\n") for w in ICL), [])
-    suffix = enc(" has the first letter:")
-    ids = torch.tensor([prefix + [i] + suffix for i, _ in words])
-    return torch.cat([resid(model, blocks, layer, c.to(device), amp)[:, len(prefix)]
-                      for c in ids.split(batch)])
+    ids = torch.tensor([prefix + [i] for i, _ in words])
+    return torch.cat([resid(model, blocks, layer, c.to(device), amp)[:, -1] for c in ids.split(batch)])
 
 
 # -----------------------------------------------------------------------------
@@ -587,6 +590,8 @@ def run(args):
                                  + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
             sae, start, opt_state, log, scale = old.to(dev), extra["step"], extra["opt"], extra["log"], extra["scale"]
             say(f"{name}: resuming at step {start} of {steps}")
+        elif args.resume:
+            say(f"{name}: no checkpoint {ck}, starting from step 0")
 
         def on_step(step, opt, new_log, sae=sae, ck=ck, log0=log):
             if (step + 1) % args.ckpt_every == 0 or step + 1 == steps:
@@ -676,6 +681,13 @@ def table(res):
             out.append(f"| {label} | " + " | ".join(f"{res['saes'][n]['absorption'][key]:.4f}" for n in names) + " |")
         out.append(f"\nletters kept {pr['letters_kept']}/26 (probe F1 >= bar; {pr['letters_dropped']} dropped), "
                    f"{pr['n_words']} words")
+    t = res["timing"]
+    for n in names:
+        out.append(f"{n}: {t[n]['steps']} steps in {t[n]['wall_s']:.1f}s; harvest {t[n]['harvest_tok_per_s']:,.0f} tok/s, "
+                   f"SAE training {t[n]['sae_tok_per_s']:,.0f} tok/s")
+    mem = t["peak_gpu_mem_gib"]
+    out.append(f"evaluation {t['eval_s']:.1f}s; whole run {t['total_s']:.1f}s"
+               + (f"; peak GPU memory {mem:.2f} GiB" if mem is not None else ""))
     return "\n".join(out)
 
 
