@@ -15,7 +15,7 @@ set -euo pipefail
 OUT=${OUT:-out_gpu_check}
 RUN=${RUN:-/tmp/c2r_gpu_check}          # checkpoints (hundreds of MB) stay on the machine
 mkdir -p "$OUT" "$RUN"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1   # no Hub there: fail at once instead of retrying for a minute
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
               '| cuda', torch.cuda.is_available())"; } > "$OUT/env.txt" 2>&1
