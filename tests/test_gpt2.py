@@ -257,3 +257,23 @@ def test_bad_input(tiny, tmp_path):
     tg.run(args_for(tiny, tmp_path / "r", "--probe-words", "0"))
     with pytest.raises(ValueError, match="another configuration.*n_latents"):
         tg.run(args_for(tiny, tmp_path / "r", "--probe-words", "0", "--resume", "--n-latents", "64"))
+
+
+def test_streamed_dataset_contexts(tiny, monkeypatch):
+    """The Hugging Face branch of --data, with a stand-in for `datasets` (no download): text or
+    pre-tokenised documents are cut into BOS + (ctx - 1) token contexts, the first held out."""
+    import sys
+    import types
+    _, _, _, tok = tiny
+    docs = [{"text": " ".join(WORDS[i:i + 9])} for i in range(0, 45, 3)]
+    fake = types.SimpleNamespace(load_dataset=lambda name, split, streaming: iter(docs))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    ev, tr = tg.contexts("someone/some-text", tok, ctx=8, n_eval=2, vocab_size=len(tok))
+    first = [next(tr) for _ in range(3)]
+    flat = [i for d in docs for i in tok(d["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]]
+    got = torch.cat([r[1:] for r in [*ev, *first]]).tolist()
+    assert ev.shape == (2, 8) and all(r[0] == tok.bos_token_id for r in [*ev, *first])
+    assert got == flat[:len(got)]                       # in order, nothing skipped, eval first
+    docs[:] = [{"input_ids": list(range(5 * k, 5 * k + 5))} for k in range(10)]
+    ev, tr = tg.contexts("someone/tokenised", tok, ctx=8, n_eval=1, vocab_size=len(tok))
+    assert ev[0, 1:].tolist() == list(range(7)) and next(tr)[1:].tolist() == list(range(7, 14))
