@@ -266,17 +266,22 @@ def prefix_losses(sae, x_BD, acts_BF):
     return torch.stack(losses)
 
 
-def train(sae, batches, cfg=None, progress=True):
+def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
 
-    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps."""
+    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps.
+    To resume an interrupted run: pass the step to start from, the optimizer's saved
+    state_dict, and `batches` positioned at that step. on_step(step, opt, log), if given,
+    is called after every step (e.g. to write a checkpoint)."""
     cfg = cfg or sae.cfg
     dev = sae.W_dec_FD.device
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     it = iter(batches)
     nbr_F, log = None, []
     sae.train()
-    pbar = tqdm(range(cfg.steps), disable=not progress, dynamic_ncols=True)
+    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     for step in pbar:
         try:
             x = next(it)
@@ -343,6 +348,8 @@ def train(sae, batches, cfg=None, progress=True):
             log.append(row)
             pbar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
                              c2r=f"{row['c2r']:.3g}", dead=row["dead"])
+        if on_step is not None:
+            on_step(step, opt, log)
     sae.eval()
     return sae, log
 

@@ -31,13 +31,13 @@ import c2r
 
 @dataclass
 class Toy:
-    d_model: int = 32
+    d_model: int = 40
     n_parents: int = 4
     n_children: int = 4          # per parent; at most one child fires at a time
     n_indep: int = 16
     p_parent: float = 0.15
     p_child: float = 0.6         # P(some child fires | parent fires)
-    p_indep: float = 0.05
+    p_indep: float = 0.15
     mag_lo: float = 0.5          # active magnitudes ~ U[mag_lo, mag_hi]
     mag_hi: float = 1.5
     seed: int = 0
@@ -148,7 +148,7 @@ def evaluate(sae, data, x, f):
     alive = (acts > 0).any(0)
     rec_mean, rec_09 = recovery(sae.W_dec_FD, data.G_GD)
     full, part = absorption(data, sae.W_dec_FD, acts, f)
-    return dict(absorb=full, absorb_part=part, split=splitting(sae.W_dec_FD, data.G_GD, alive),
+    return dict(absorb=part, absorb_full=full, split=splitting(sae.W_dec_FD, data.G_GD, alive),
                 recov=rec_mean, recov09=rec_09, fvu=c2r.fvu(x, x_hat).item(), l0=c2r.l0(acts).item(),
                 dead=c2r.dead_fraction(acts).item())
 
@@ -261,7 +261,7 @@ def run_all(jobs, n_jobs):
         pool.join()
 
 
-COLS = ["absorb", "absorb_part", "split", "recov", "recov09", "fvu", "l0", "dead"]
+COLS = ["absorb", "absorb_full", "split", "recov", "recov09", "fvu", "l0", "dead"]
 STAB_COLS = ["stab09", "stab_cos", "chance_cos"]
 
 
@@ -330,7 +330,7 @@ def sweep_grid(args):
     return grid
 
 
-SWEEP_PANELS = [("absorb", "full absorption"), ("absorb_part", "partial absorption"), ("split", "splitting")]
+SWEEP_PANELS = [("absorb", "absorption"), ("absorb_full", "full absorption"), ("split", "splitting")]
 
 
 def plot_sweep(rows, path):
@@ -385,7 +385,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=80, help="SAE latents")
     ap.add_argument("--k", type=int, default=4, help="topk / batchtopk k")
     ap.add_argument("--l1", type=float, default=DEFAULT_L1, help="relu L1 coefficient")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-eval", type=int, default=8192)
@@ -396,7 +396,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="--sweep/--compare: worker processes")
     ap.add_argument("--out", default="figures/sweep", help="--sweep writes OUT.txt and OUT.png")
     args = ap.parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(1)   # the toy's matrices are tiny: more threads only add overhead
     if args.sweep or args.compare:
         t0 = time.time()
         rows, text = sweep(args) if args.sweep else compare(args)
@@ -416,8 +416,8 @@ def main(argv=None):
     return rows
 
 
-DEFAULT_LAM = dict(relu=0.1, topk=0.1, batchtopk=0.1)
-DEFAULT_L1 = 0.05
+DEFAULT_LAM = dict(relu=0.1, topk=0.1, batchtopk=0.2)
+DEFAULT_L1 = 0.3
 DEFAULT_LAM.setdefault("matryoshka", DEFAULT_LAM["batchtopk"])
 
 if __name__ == "__main__":

@@ -1,0 +1,279 @@
+"""c2r.py against naive references: the loss, its gradients, the SAE kinds, training, checkpoints."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import c2r
+
+torch.set_num_threads(1)
+
+
+def c2r_naive(acts_BF, W_dec_FD, alpha=1.0):
+    """The definition, written as plainly as possible: python loops, O(n^2)."""
+    n = W_dec_FD.shape[0]
+    a = [math.sqrt(sum(float(v) ** 2 for v in acts_BF[:, i])) for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        best, j = -2.0, None
+        for jj in range(n):
+            if jj != i:
+                c = float(F.cosine_similarity(W_dec_FD[i], W_dec_FD[jj], dim=0))
+                if c > best:
+                    best, j = c, jj
+        total += (a[i] + a[j]) ** alpha * max(best, 0.0) ** 2
+    return total / n
+
+
+def c2r_dense(acts_BF, W_dec_FD, alpha=1.0):
+    """The definition with the full n x n cosine matrix (differentiable, for gradients)."""
+    W = F.normalize(W_dec_FD, dim=1)
+    cos = W @ W.T
+    cos = cos - torch.diag(torch.full((W.shape[0],), float("inf"), dtype=W.dtype))
+    best, j = cos.max(1)
+    a = acts_BF.norm(dim=0)
+    return ((a + a[j.detach()]) ** alpha * best.clamp(min=0) ** 2).mean()
+
+
+def rand_case(n=40, d=6, B=16, seed=0, dtype=torch.float64, p=0.4):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, d, generator=g, dtype=dtype)
+    acts = torch.rand(B, n, generator=g, dtype=dtype) * (torch.rand(B, n, generator=g, dtype=dtype) < p)
+    return acts, W
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+@pytest.mark.parametrize("n,block", [(30, 2048), (50, 16), (67, 8)])   # below / above the block size
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 0.5])
+def test_loss_matches_naive(n, block, alpha):
+    acts, W = rand_case(n=n, seed=n)
+    got = c2r.c2r_loss(acts, W, alpha, block=block).item()
+    assert got == pytest.approx(c2r_naive(acts, W, alpha), rel=1e-10)
+
+
+def test_neighbours_exact_across_blocks():
+    W = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    Wn = F.normalize(W, dim=1)
+    cos = Wn @ Wn.T
+    cos.fill_diagonal_(-float("inf"))
+    for block in (7, 64, 300, 4096):
+        assert torch.equal(c2r.nearest_neighbours(W, block=block), cos.argmax(1))
+
+
+def test_loss_zero_for_orthogonal_decoder():
+    W = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))[0]      # orthonormal rows
+    acts = torch.rand(32, 12, dtype=torch.float64)
+    assert c2r.c2r_loss(acts, W).item() == pytest.approx(0.0, abs=1e-12)
+    # and for anti-parallel pairs: max(cos, 0) clips them to zero too
+    assert c2r.c2r_loss(acts[:, :2], torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)).item() == 0.0
+
+
+def test_loss_by_hand():
+    # latents 0 and 1 at 60 degrees (cos 1/2), latent 2 orthogonal to both in 3D.
+    W = torch.tensor([[1.0, 0, 0], [0.5, math.sqrt(3) / 2, 0], [0, 0, 2.0]], dtype=torch.float64)
+    acts = torch.tensor([[3.0, 0, 1], [4.0, 1, 0]], dtype=torch.float64)   # a = (5, 1, 1)
+    # j(0)=1, j(1)=0: s = 1/4 each; j(2): cos 0 with both -> s = 0
+    want = ((5 + 1) * 0.25 + (1 + 5) * 0.25 + 0) / 3
+    assert c2r.c2r_loss(acts, W).item() == pytest.approx(want)
+    assert c2r.c2r_loss(acts, W, alpha=2.0).item() == pytest.approx((36 * 0.25 * 2) / 3)
+    # the scale of a decoder row does not matter, only its direction
+    assert c2r.c2r_loss(acts, W * torch.tensor([[3.0], [0.1], [7.0]], dtype=torch.float64)).item() == pytest.approx(want)
+
+
+def test_loss_permutation_invariant():
+    acts, W = rand_case(n=50, seed=3)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    assert c2r.c2r_loss(acts[:, perm], W[perm]).item() == pytest.approx(c2r.c2r_loss(acts, W).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 0.7])
+def test_gradcheck(alpha):
+    acts, W = rand_case(n=12, d=5, B=6, seed=4, p=1.0)            # all positive: a_i > 0, smooth
+    acts.requires_grad_(True)
+    W.requires_grad_(True)
+    nbr = c2r.nearest_neighbours(W)                                 # held fixed, as in training
+    assert torch.autograd.gradcheck(lambda a, w: c2r.c2r_loss(a, w, alpha, nbr_F=nbr), (acts, W))
+
+
+def test_gradients_match_dense_reference():
+    acts, W = rand_case(n=45, seed=5)
+    for alpha in (1.0, 2.0):
+        a1, w1 = acts.clone().requires_grad_(), W.clone().requires_grad_()
+        a2, w2 = acts.clone().requires_grad_(), W.clone().requires_grad_()
+        c2r.c2r_loss(a1, w1, alpha, block=16).backward()
+        c2r_dense(a2, w2, alpha).backward()
+        torch.testing.assert_close(a1.grad, a2.grad)
+        torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_gradient_finite_with_silent_latents():
+    acts, W = rand_case(n=20, seed=6, p=0.1)
+    acts[:, :5] = 0                                                 # silent pairs: a_i + a_j = 0
+    for alpha in (0.5, 1.0, 2.0):
+        a, w = acts.clone().requires_grad_(), W.clone().requires_grad_()
+        c2r.c2r_loss(a, w, alpha).backward()
+        assert torch.isfinite(a.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_loss_bad_input():
+    acts, W = rand_case(n=10)
+    with pytest.raises(ValueError, match="latents"):
+        c2r.c2r_loss(acts, W[:9])
+    with pytest.raises(ValueError, match=r"\[B, F\]"):
+        c2r.c2r_loss(acts[0], W)
+    bad = acts.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        c2r.c2r_loss(bad, W)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="inf"):
+        c2r.c2r_loss(bad, W)
+    with pytest.raises(ValueError, match="alpha"):
+        c2r.c2r_loss(acts, W, alpha=-1.0)
+
+
+# -----------------------------------------------------------------------------
+# the SAE
+
+def make(kind="topk", **kw):
+    return c2r.SAE(c2r.Config(**{**dict(d_model=8, n_latents=64, kind=kind, k=3, steps=20, log_every=5), **kw}))
+
+
+def test_shapes():
+    for kind in c2r.KINDS:
+        sae = make(kind)
+        x = torch.randn(5, 8)
+        acts = sae.encode(x)
+        assert acts.shape == (5, 64) and sae.decode(acts).shape == (5, 8)
+        x_hat, acts2, pre = sae(x)
+        assert x_hat.shape == (5, 8) and torch.equal(acts, acts2) and pre.shape == (5, 64)
+
+
+def test_topk_exactly_k_per_row():
+    sae = make("topk")
+    acts = sae.encode(torch.randn(100, 8))
+    assert ((acts > 0).sum(1) == 3).all()
+
+
+def test_batchtopk_exactly_kB_in_training_threshold_in_eval():
+    sae = make("batchtopk").train()
+    x = torch.randn(50, 8)
+    acts = sae.encode(x)
+    assert (acts > 0).sum() == 3 * 50
+    assert (acts > 0).sum(1).float().std() > 0                    # per-sample counts vary
+    sae.threshold.fill_(0.3)
+    sae.eval()
+    pre = sae.pre_acts(x)
+    acts = sae.encode(x)
+    assert torch.equal(acts > 0, pre > 0.3)
+    # in eval one sample's code does not depend on the rest of its batch
+    torch.testing.assert_close(sae.encode(x[:1]), acts[:1])
+
+
+def test_init():
+    sae = make("relu")
+    assert torch.equal(sae.W_enc_DF, sae.W_dec_FD.T)
+    torch.testing.assert_close(sae.W_dec_FD.norm(dim=1), torch.ones(64))
+
+
+def batches(d=8, B=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(B, d, generator=g) * 2 + 1
+
+
+@pytest.mark.parametrize("kind", c2r.KINDS)
+def test_training_keeps_unit_decoder_and_learns(kind):
+    sae = make(kind, c2r_lambda=0.5, steps=60, lr=1e-2)
+    x = next(batches(seed=99))
+    before = c2r.fvu(x, sae(x)[0]).item()
+    sae, log = c2r.train(sae, batches(), progress=False)
+    torch.testing.assert_close(sae.W_dec_FD.norm(dim=1), torch.ones(64))
+    assert not sae.training
+    assert log[-1]["step"] == 59 and set(log[0]) >= {"loss", "fvu", "l0", "c2r", "dead"}
+    assert c2r.fvu(x, sae(x)[0]).item() < before
+    if kind == "batchtopk":
+        assert sae.threshold > 0
+
+
+def test_b_dec_starts_at_geometric_median():
+    x = torch.cat([torch.zeros(9, 2), torch.tensor([[100.0, 100.0]])])     # one huge outlier
+    assert c2r.geometric_median(x).norm() < 1.0 < x.mean(0).norm()
+    sae = make("topk", d_model=2, steps=1)
+    sae.b_dec_D.data.fill_(5.0)
+    c2r.train(sae, iter([x]), c2r.Config(d_model=2, n_latents=64, kind="topk", k=3, steps=1, lr=1e-12),
+              progress=False)
+    torch.testing.assert_close(sae.b_dec_D.data, c2r.geometric_median(x), atol=1e-6, rtol=0)
+
+
+def test_dead_latents_counted_and_aux_loss():
+    sae = make("topk", dead_tokens=64, steps=3)
+    c2r.train(sae, batches(), progress=False)
+    dead = sae.tokens_since_fired > 64
+    assert dead.any() and (sae.tokens_since_fired[~dead] <= 64).all()
+    x = torch.randn(16, 8)
+    x_hat, _, pre = sae(x)
+    assert c2r.aux_loss(sae, x, x_hat, pre, torch.zeros(64, dtype=torch.bool)) == 0
+    aux = c2r.aux_loss(sae, x, x_hat, pre, torch.ones(64, dtype=torch.bool))
+    assert aux > 0 and torch.isfinite(aux)
+
+
+def test_c2r_in_training_equals_c2r_loss():
+    """The value logged by train() is c2r_loss of that step's codes and decoder."""
+    sae = make("batchtopk", c2r_lambda=1.0, steps=1, log_every=1, lr=1e-12, clip_grad=0)
+    x = next(batches())
+    sae.train()
+    sae.b_dec_D.data.copy_(c2r.geometric_median(x))
+    _, acts, _ = sae(x)
+    want = c2r.c2r_loss(acts, sae.W_dec_FD).item()
+    _, log = c2r.train(sae, iter([x]), progress=False)
+    assert log[0]["c2r"] == pytest.approx(want, rel=1e-5)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="k=100"):
+        c2r.Config(n_latents=64, k=100)
+    with pytest.raises(ValueError, match="c2r_lambda"):
+        c2r.Config(c2r_lambda=-1.0)
+    with pytest.raises(ValueError, match="kind"):
+        c2r.Config(kind="gated")
+
+
+def test_bad_batches():
+    sae = make("topk")
+    with pytest.raises(ValueError, match="d_model=8"):
+        c2r.train(sae, iter([torch.randn(4, 7)]), progress=False)
+    x = torch.randn(16, 8)
+    x[3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        c2r.train(make("topk"), iter([x]), progress=False)
+    x[3, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match="inf"):
+        c2r.train(make("relu"), iter([x]), progress=False)
+    with pytest.raises(ValueError, match="ran out"):
+        c2r.train(make("topk", steps=5), iter([torch.randn(4, 8)]), progress=False)
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    sae, _ = c2r.train(make("batchtopk", steps=10), batches(), progress=False)
+    path = tmp_path / "sae.pt"
+    c2r.save(sae, path, step=10)
+    torch.load(path, weights_only=True)                   # plain tensors and values only
+    assert [p.name for p in tmp_path.iterdir()] == ["sae.pt"]   # no temp file left behind
+    sae2, extra = c2r.load(path)
+    assert extra == {"step": 10} and sae2.cfg == sae.cfg
+    x = torch.randn(7, 8)
+    assert torch.equal(sae.encode(x), sae2.encode(x)) and torch.equal(sae(x)[0], sae2(x)[0])
+
+
+def test_metrics_by_hand():
+    x = torch.tensor([[1.0, 0], [3.0, 0]])
+    assert c2r.fvu(x, x).item() == 0
+    assert c2r.fvu(x, x.mean(0).expand_as(x)).item() == pytest.approx(1.0)
+    acts = torch.tensor([[0.0, 2, 0], [1.0, 3, 0]])
+    assert c2r.l0(acts).item() == 1.5
+    assert c2r.dead_fraction(acts).item() == pytest.approx(1 / 3)
