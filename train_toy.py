@@ -193,13 +193,16 @@ def assign(S):
 
 def stability(W_a_FD, W_b_FD, alive_a=None, alive_b=None, thr=0.9):
     """Match the live latents of two SAEs one to one by decoder cosine (exact, assign()) and
-    return (fraction matched at cosine >= thr, mean matched cosine). The fraction is over the
-    larger of the two live sets, so a latent left without a partner counts as unmatched."""
+    return (fraction matched at cosine >= thr, mean matched cosine, number matched at >= thr).
+    The fraction is over the larger of the two live sets, so a latent left without a partner
+    counts as unmatched; the number is there because an SAE with fewer live latents scores a
+    higher fraction with the same number of stable ones."""
     A = F.normalize(W_a_FD[alive_a] if alive_a is not None else W_a_FD, dim=1)
     B = F.normalize(W_b_FD[alive_b] if alive_b is not None else W_b_FD, dim=1)
     S = (A @ B.T).double().numpy() if len(A) <= len(B) else (B @ A.T).double().numpy()
     cos = S[np.arange(len(S)), assign(S)]
-    return float((cos >= thr).sum() / max(len(A), len(B))), float(cos.mean())
+    n = int((cos >= thr).sum())
+    return n / max(len(A), len(B)), float(cos.mean()), n
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def run_job(job):
     m, W_a, alive_a = run(kind, lam, seed, args, toy, full=True)
     if args.stability:
         _, W_b, alive_b = run(kind, lam, seed, args, toy, sae_seed=1000 + seed, full=True)
-        m["stab09"], m["stab_cos"] = stability(W_a, W_b, alive_a, alive_b)
+        m["stab09"], m["stab_cos"], m["stab09_n"] = stability(W_a, W_b, alive_a, alive_b)
         # chance: the same statistic for unrelated random dictionaries of the same live sizes
         g = torch.Generator().manual_seed(seed)
         m["chance_cos"] = stability(torch.randn(int(alive_a.sum()), toy.d_model, generator=g),
@@ -262,7 +265,7 @@ def run_all(jobs, n_jobs):
 
 
 COLS = ["absorb", "absorb_full", "split", "recov", "recov09", "fvu", "l0", "dead"]
-STAB_COLS = ["stab09", "stab_cos", "chance_cos"]
+STAB_COLS = ["stab09", "stab09_n", "stab_cos", "chance_cos"]
 
 
 def table(rows, cols=COLS, names=("kind", "lambda")):
@@ -336,10 +339,11 @@ SWEEP_PANELS = [("absorb", "absorption"), ("absorb_full", "full absorption"), ("
 def plot_sweep(rows, path):
     """One curve per method: each metric against FVU, mean ± std over seeds. Needs matplotlib."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods = list(dict.fromkeys(key[0] for key in rows))
-    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(13, 4.6))
     for ax, (col, title) in zip(axes, SWEEP_PANELS):
         for i, method in enumerate(methods):
             pts = [(key, ms) for key, ms in rows.items() if key[0] == method]
@@ -349,12 +353,16 @@ def plot_sweep(rows, path):
             ax.errorbar(x.mean(1), y.mean(1), xerr=x.std(1), yerr=y.std(1), marker="os^vDP<"[i % 7],
                         ms=4, capsize=2, lw=1.2, ls="--" if dashed else "-", label=method)
         ax.set_xscale("log")
-        ax.set_xlabel("FVU (log)")
-        ax.set_title(f"{title} vs FVU")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no crowded labels within a decade
+        ax.set_xlabel("FVU (log scale)")
+        ax.set_title(f"{title} vs FVU (lower left is better)", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    n = len(next(iter(rows.values())))
+    fig.suptitle(f"train_toy.py --sweep: one curve per method across its knob (k, λ or L1), "
+                 f"mean ± std over {n} seed{'s' * (n > 1)}", fontsize=11)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(methods), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

@@ -42,9 +42,9 @@ def test_permuted_copy_matches_perfectly():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(64, 16, generator=g)
     perm = torch.randperm(64, generator=g)
-    assert stability(W, 3.0 * W[perm]) == pytest.approx((1.0, 1.0))   # row norms do not matter
+    assert stability(W, 3.0 * W[perm]) == pytest.approx((1.0, 1.0, 64))   # row norms do not matter
     alive = torch.rand(64, generator=g) > 0.3
-    assert stability(W, W[perm], alive, alive[perm]) == pytest.approx((1.0, 1.0))
+    assert stability(W, W[perm], alive, alive[perm]) == pytest.approx((1.0, 1.0, int(alive.sum())))
 
 
 def cos_distribution(D, grid=200_001):
@@ -67,7 +67,7 @@ def test_unrelated_dictionaries_score_chance():
     g = torch.Generator().manual_seed(0)
     fracs, means = [], []
     for _ in range(5):
-        frac, mean = stability(torch.randn(n, D, generator=g), torch.randn(n, D, generator=g))
+        frac, mean, _ = stability(torch.randn(n, D, generator=g), torch.randn(n, D, generator=g))
         fracs.append(frac)
         means.append(mean)
     assert max(fracs) == 0.0

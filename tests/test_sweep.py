@@ -30,3 +30,12 @@ def test_sweep_without_matplotlib_still_writes_table(tmp_path, monkeypatch, caps
     assert (tmp_path / "sweep.txt").read_text().count("\n") == len(rows) + 2
     assert not (tmp_path / "sweep.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_compare_reports_stability():
+    rows = train_toy.main(["--compare", "--steps", "10", "--seeds", "0", "--batch", "64", "--n-eval", "256",
+                           "--width", "16", "--jobs", "1"])
+    assert {key[0] for key in rows} == {"ours", "nabeshima"}
+    assert {key[1] for key in rows} == {"batchtopk", "matryoshka"}
+    for (m,) in rows.values():
+        assert 0 <= m["stab09"] <= 1 and -1 <= m["stab_cos"] <= 1 and m["stab09_n"] >= 0
