@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -60,13 +61,14 @@ def chunked_c2r(acts_BF, W_dec_FD, alpha, chunk=8192):
     chunks of `chunk` latents, the full cosine matrix of each chunk, the nearest other latent
     *within the chunk*, and a_F from the dense code matrix."""
     n = W_dec_FD.shape[0]
-    a_F = torch.linalg.vector_norm(acts_BF.float(), dim=0)
+    f32 = torch.promote_types(W_dec_FD.dtype, torch.float32)      # bf16 under autocast: sum in fp32
+    a_F = torch.linalg.vector_norm(acts_BF.to(f32), dim=0)
     perm = torch.randperm(n, device=W_dec_FD.device)
     total = 0.0
     for s in range(0, n, chunk):
         idx = perm[s:s + chunk]
         W = F.normalize(W_dec_FD[idx], dim=1)
-        cos = (W @ W.T).float()
+        cos = (W @ W.T).to(f32)
         cos = cos.masked_fill(torch.eye(len(idx), dtype=torch.bool, device=cos.device), -float("inf"))
         c, j = cos.max(1)
         a = a_F[idx]
@@ -184,6 +186,17 @@ def c2r_row(a, n_latents):
     res = dict(row="c2r_loss", n_latents=n_latents, ms=clock(loss, reps))
     res["mem_mib"] = peak_memory(dev, rss0)
     res["search_ms"] = clock(lambda: c2r.nearest_neighbours(W), reps)
+    # what train() pays on the steps between two searches: the penalty from the k*B values
+    nbr_F, (rows, cols) = c2r.nearest_neighbours(W), acts.detach().nonzero(as_tuple=True)
+    vals = acts.detach()[rows, cols].requires_grad_()
+
+    def penalty():
+        vals.grad = W.grad = None
+        c2r.c2r_penalty(c2r.code_norms(vals, cols, n_latents), W, nbr_F).backward()
+
+    if reps > 1:
+        penalty()
+    res["penalty_ms"] = clock(penalty, max(reps, 5))
     if dev.type == "cuda":                             # the search in bf16: not exact near ties
         with torch.autocast("cuda", dtype=torch.bfloat16):
             res["search_bf16_ms"] = clock(lambda: c2r.nearest_neighbours(W), reps)
@@ -250,7 +263,7 @@ def main(argv=None):
         return child(a, json.loads(a.child))
 
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
-    print(f"bench.py {' '.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
+    print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
           f"autocast {a.amp}, C²R lambda {a.lam}, R={a.nbr_every}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
@@ -276,8 +289,9 @@ def main(argv=None):
                 print(f"{'':>22} {ok[num] / ok[den]:6.2f}x  {what}")
     if a.c2r_latents:
         print(f"\nc2r_loss alone, fp32, fresh exact search + value + backward, batch {a.batch} "
-              f"(median of {a.c2r_reps}); the search alone")
-        print(f"{'latents':>10} {'c2r_loss ms':>12} {'search ms':>10} {'search bf16 ms':>15} {mem:>30}")
+              f"(median of {a.c2r_reps}); the search alone; the penalty alone, as train() computes it "
+              f"between searches (code_norms of the k*B values + c2r_penalty, forward and backward)")
+        print(f"{'latents':>10} {'c2r_loss ms':>12} {'search ms':>10} {'search bf16 ms':>15} {'penalty ms':>11} {mem:>30}")
         for n in a.c2r_latents:
             r = run_child(argv, dict(row="c2r_loss", n_latents=n))
             results.append(r)
@@ -285,7 +299,7 @@ def main(argv=None):
                 print(f"{n:>10,}  failed: {r['error']}")
                 continue
             print(f"{n:>10,} {r['ms']:12.1f} {r['search_ms']:10.1f} {fmt(r.get('search_bf16_ms'), '15.1f'):>15} "
-                  f"{r['mem_mib']:30.0f}", flush=True)
+                  f"{r['penalty_ms']:11.2f} {r['mem_mib']:30.0f}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(argv=argv, device=dev_name, torch=torch.__version__, args=vars(a), results=results), f,

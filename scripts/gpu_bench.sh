@@ -15,6 +15,6 @@ mkdir -p "$OUT"
     git log -1 --format='commit %H %s' 2>/dev/null || true
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
-# the whole table (about 2-3 minutes on an H200), then the same with a profile of each row
+# the whole table (estimated 2-4 minutes on an H200, untested there), then a profile of each row
 python bench.py --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.txt"
 python bench.py --c2r-latents --steps 10 --warmup 5 --profile "$OUT/profile" "$@" > "$OUT/profile.txt" 2>&1 || echo "profile run failed: see $OUT/profile.txt"
