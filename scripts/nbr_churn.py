@@ -25,7 +25,7 @@ def churn(kind, lam, seed, args):
     toy = train_toy.Toy(seed=seed)
     data = train_toy.ToyData(toy)
     cfg = c2r.Config(d_model=toy.d_model, n_latents=args.width, kind=kind, k=args.k, c2r_lambda=lam,
-                     steps=args.steps, lr=args.lr, dead_tokens=args.batch * 200, seed=seed)
+                     steps=args.steps, lr=args.lr, dead_tokens=args.batch * 200, nbr_every=1, seed=seed)
     torch.manual_seed(seed)
     sae, tables, norms, decs = c2r.SAE(cfg), [], [], []
 
