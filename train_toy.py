@@ -159,7 +159,7 @@ def run(kind, lam, seed, args, toy):
     data = ToyData(Toy(**{**toy.__dict__, "seed": seed}))
     cfg = c2r.Config(d_model=toy.d_model, n_latents=args.width, kind=kind, k=args.k, l1_coeff=args.l1,
                      c2r_lambda=lam, c2r_alpha=args.alpha, steps=args.steps, lr=args.lr,
-                     dead_tokens=args.batch * 200, seed=seed)
+                     dead_tokens=args.batch * 200, nbr_every=args.nbr_every, seed=seed)
     torch.manual_seed(seed)
     sae, _ = c2r.train(c2r.SAE(cfg), data.batches(args.batch, seed), progress=False)
     x, f = data.sample(args.n_eval, torch.Generator().manual_seed(10_000 + seed))
@@ -195,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-eval", type=int, default=8192)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="C²R neighbour refresh every R steps")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)   # the toy's matrices are tiny: more threads only add overhead
     kinds = c2r.KINDS if args.kind == "all" else [args.kind]
