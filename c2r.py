@@ -70,6 +70,16 @@ def c2r_penalty(a_F, W_dec_FD, nbr_F, alpha=1.0):
     return (x_F * s_F).mean()
 
 
+def code_norms(vals_N, cols_N, n_latents):
+    """a_F = ||acts[:, i]||_2 from the nonzero codes alone (values vals_N of latents cols_N),
+    e.g. the k*B kept by TopK: no dense [B, F] matrix. sqrt has an infinite slope at 0, so
+    silent latents stay out of it: their gradient is 0, as vector_norm's is, never NaN."""
+    v_N = vals_N.to(torch.promote_types(vals_N.dtype, torch.float32))     # bf16 codes: sum in fp32
+    sq_F = v_N.new_zeros(n_latents).index_add(0, cols_N, v_N.square())
+    on = sq_F > 0
+    return torch.where(on, torch.where(on, sq_F, 1.0).sqrt(), 0.0)
+
+
 def c2r_loss(acts_BF, W_dec_FD, alpha=1.0, nbr_F=None, block=2048):
     """The C²R penalty for a batch of codes acts_BF [B, F] and decoder W_dec_FD [F, D].
 
@@ -111,7 +121,8 @@ class Config:
     c2r_lambda: float = 0.0      # 0 = baseline
     c2r_alpha: float = 1.0
     c2r_warmup: float = 0.0      # fraction of steps over which lambda ramps up from 0
-    nbr_every: int = 1           # refresh the neighbour table every R steps (R=1: the exact definition)
+    nbr_every: int = 10          # refresh the neighbour table every R steps. R=1 is the exact definition;
+                                 # 10 leaves the toy's results unchanged and makes the search 10x rarer
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # 0 = d_model // 2
     aux_coeff: float = 1 / 32
@@ -181,24 +192,40 @@ class SAE(nn.Module):
         return (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
 
     def activate(self, pre_BF):
-        kind, k = self.cfg.kind, self.cfg.k
-        if kind == "relu":
+        if self.cfg.kind == "relu":
             return F.relu(pre_BF)
-        if kind == "topk":
-            vals, idx = pre_BF.topk(k, dim=1)
-            return torch.zeros_like(pre_BF).scatter(1, idx, F.relu(vals))
-        if self.training:   # batchtopk (and matryoshka): the k*B largest over the whole batch
-            flat = pre_BF.flatten()
-            vals, idx = flat.topk(min(k * pre_BF.shape[0], flat.numel()))
-            return torch.zeros_like(flat).scatter(0, idx, F.relu(vals)).view_as(pre_BF)
-        # batchtopk at inference: a learned threshold, so one sample's code ignores its batch
-        return pre_BF * (pre_BF > self.threshold)
+        if self.cfg.kind in ("batchtopk", "matryoshka") and not self.training:
+            # batchtopk at inference: a learned threshold, so one sample's code ignores its batch
+            return pre_BF * (pre_BF > self.threshold)
+        vals_N, rows_N, cols_N = self.sparse_codes(pre_BF)
+        return torch.zeros_like(pre_BF).index_put((rows_N, cols_N), vals_N)
+
+    def sparse_codes(self, pre_BF):
+        """The TopK kinds' codes as (values, rows, latents) of the k*B kept, rows ascending:
+        topk keeps the k largest of each sample, batchtopk and matryoshka (training) the k*B
+        largest of the batch."""
+        B, Fn = pre_BF.shape
+        if self.cfg.kind == "topk":
+            vals, idx = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
+            rows = torch.arange(B, device=pre_BF.device).repeat_interleave(self.cfg.k)
+            return F.relu(vals).flatten(), rows, idx.flatten()
+        flat = pre_BF.flatten()
+        idx = flat.topk(min(self.cfg.k * B, flat.numel()), sorted=False).indices.sort().values
+        return F.relu(flat.gather(0, idx)), idx // Fn, idx % Fn
 
     def encode(self, x_BD):
         return self.activate(self.pre_acts(x_BD))
 
     def decode(self, acts_BF):
         return acts_BF @ self.W_dec_FD + self.b_dec_D
+
+    def decode_sparse(self, vals_N, rows_N, cols_N, B):
+        """decode() from sparse_codes(): each sample sums its k rows of W_dec (embedding_bag),
+        so training never builds the dense [B, F] codes nor a [B, F] x [F, D] matmul and its
+        backward; the gradient reaches W_dec's k*B used rows only."""
+        offsets_B = torch.searchsorted(rows_N, torch.arange(B, device=rows_N.device))
+        return F.embedding_bag(cols_N, self.W_dec_FD, offsets_B, mode="sum",
+                               per_sample_weights=vals_N.to(self.W_dec_FD.dtype)) + self.b_dec_D
 
     def forward(self, x_BD):
         pre_BF = self.pre_acts(x_BD)
@@ -248,21 +275,22 @@ def aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F):
         return x_BD.new_zeros(())
     k_aux = min(sae.cfg.aux_k or sae.cfg.d_model // 2, n_dead)
     vals, idx = pre_BF.masked_fill(~dead_F, -float("inf")).topk(k_aux, dim=1)
-    aux_acts = torch.zeros_like(pre_BF).scatter(1, idx, F.relu(vals))
     e_BD = (x_BD - x_hat_BD).detach()
-    e_hat_BD = aux_acts @ sae.W_dec_FD
+    e_hat_BD = F.embedding_bag(idx, sae.W_dec_FD, mode="sum",        # the sparse decode, as in train
+                               per_sample_weights=F.relu(vals).to(sae.W_dec_FD.dtype))
     return (e_hat_BD - e_BD).pow(2).sum(-1).mean() / e_BD.pow(2).sum(-1).mean().clamp(min=1e-12)
 
 
-def prefix_losses(sae, x_BD, acts_BF):
+def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N):
     """Matryoshka (Bussmann et al. 2025): the reconstruction loss of each nested sub-SAE, which
     must rebuild x from latents [0:m] alone -> [len(prefixes)]. A parent folded into its child's
-    latent is then an error for every prefix that holds the parent's latent but not the child's."""
-    x_hat_BD, losses, lo = sae.b_dec_D, [], 0
+    latent is then an error for every prefix that holds the parent's latent but not the child's.
+    Takes the sparse codes of SAE.sparse_codes (a mask keeps their rows ascending)."""
+    losses = []
     for m in sae.cfg.prefixes:
-        x_hat_BD = x_hat_BD + acts_BF[:, lo:m] @ sae.W_dec_FD[lo:m]    # add one group at a time
+        keep = cols_N < m
+        x_hat_BD = sae.decode_sparse(vals_N[keep], rows_N[keep], cols_N[keep], x_BD.shape[0])
         losses.append((x_hat_BD - x_BD).pow(2).sum(-1).mean())
-        lo = m
     return torch.stack(losses)
 
 
@@ -294,13 +322,22 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
 
-        # ---- the loss
-        x_hat, acts, pre = sae(x)
+        # ---- the loss. The TopK kinds keep their codes sparse: decode, the C²R norms a_F and
+        # the statistics below then touch the k*B kept values, never a dense [B, F] matrix.
+        pre = sae.pre_acts(x)
+        if cfg.kind == "relu":
+            acts = sae.activate(pre)                   # dense codes [B, F]
+            x_hat = sae.decode(acts)
+            a_F = torch.linalg.vector_norm(acts, dim=0)   # its gradient is 0 (not NaN) at a = 0
+        else:
+            acts, rows, cols = sae.sparse_codes(pre)   # acts: the k*B kept values only
+            x_hat = sae.decode_sparse(acts, rows, cols, x.shape[0])
+            a_F = code_norms(acts, cols, cfg.n_latents)
         recon = (x_hat - x).pow(2).sum(-1).mean()
         if cfg.kind == "matryoshka":
             # the mean over the nested prefixes, as the reference code does; the paper writes a sum,
             # the same up to a constant factor (the number of prefixes). The last prefix is `recon`.
-            recon = prefix_losses(sae, x, acts).mean()
+            recon = prefix_losses(sae, x, acts, rows, cols).mean()
         loss = recon
         if cfg.kind == "relu":
             l1 = (acts * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
@@ -312,7 +349,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
         if cfg.c2r_lambda > 0:
             if nbr_F is None or step % cfg.nbr_every == 0:
                 nbr_F = nearest_neighbours(sae.W_dec_FD)
-            c2r = c2r_penalty(torch.linalg.vector_norm(acts, dim=0), sae.W_dec_FD, nbr_F, cfg.c2r_alpha)
+            c2r = c2r_penalty(a_F, sae.W_dec_FD, nbr_F, cfg.c2r_alpha)
             loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         if not torch.isfinite(loss):
             what = "the input batch contains NaN or inf" if not torch.isfinite(x).all() else \
@@ -332,7 +369,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
 
         # ---- statistics, here and nowhere else
         with torch.no_grad():
-            fired = (acts > 0).any(0)
+            fired = a_F > 0
             sae.tokens_since_fired += x.shape[0]
             sae.tokens_since_fired[fired] = 0
             if cfg.kind in ("batchtopk", "matryoshka"):   # EMA of the smallest code kept by BatchTopK
@@ -342,8 +379,9 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             with torch.no_grad():
                 if c2r is None:
-                    c2r = c2r_loss(acts, sae.W_dec_FD, cfg.c2r_alpha)
-                row = dict(step=step, loss=loss.item(), fvu=fvu(x, x_hat).item(), l0=l0(acts).item(),
+                    c2r = c2r_penalty(a_F, sae.W_dec_FD, nearest_neighbours(sae.W_dec_FD), cfg.c2r_alpha)
+                row = dict(step=step, loss=loss.item(), fvu=fvu(x, x_hat).item(),
+                           l0=(acts > 0).sum().item() / x.shape[0],
                            c2r=c2r.item(), dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum()))
             log.append(row)
             pbar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",

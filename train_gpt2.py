@@ -458,7 +458,7 @@ def save_saelens(sae, folder, run):
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     cfg = sae.cfg
-    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}[cfg.kind]
+    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}[cfg.kind]
     w = {"W_enc": sae.W_enc_DF, "W_dec": sae.W_dec_FD, "b_enc": sae.b_enc_F, "b_dec": sae.b_dec_D}
     if arch == "jumprelu":
         w["threshold"] = sae.threshold.expand(cfg.n_latents)

@@ -224,7 +224,7 @@ def run(kind, lam, seed, args, toy, sae_seed=None, full=False):
     cfg = c2r.Config(d_model=toy.d_model, n_latents=args.width, kind=kind, k=args.k, l1_coeff=args.l1,
                      prefixes=matryoshka_prefixes(args.width) if kind == "matryoshka" else (),
                      c2r_lambda=lam, c2r_alpha=args.alpha, steps=args.steps, lr=args.lr,
-                     dead_tokens=args.batch * 200, seed=sae_seed)
+                     dead_tokens=args.batch * 200, nbr_every=args.nbr_every, seed=sae_seed)
     torch.manual_seed(sae_seed)
     sae, _ = c2r.train(c2r.SAE(cfg), data.batches(args.batch, sae_seed), progress=False)
     x, f = data.sample(args.n_eval, torch.Generator().manual_seed(10_000 + seed))
@@ -398,6 +398,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-eval", type=int, default=8192)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="C²R neighbour refresh every R steps")
     ap.add_argument("--sweep", action="store_true", help="trade-off curves: every method across its knob")
     ap.add_argument("--compare", action="store_true",
                     help="baseline, C²R, Matryoshka, Matryoshka + C²R on two toys, with cross-run stability")

@@ -13,6 +13,12 @@ def cfg(**kw):
     return c2r.Config(**{**base, **kw})
 
 
+def sparse(acts_BF):
+    """Dense codes -> the (values, rows, latents) of SAE.sparse_codes, rows ascending."""
+    rows, cols = acts_BF.nonzero(as_tuple=True)
+    return acts_BF[rows, cols], rows, cols
+
+
 def data(n=6, B=32, D=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, D, generator=g) for _ in range(n)]
@@ -33,7 +39,7 @@ def test_one_prefix_is_the_plain_loss():
     sae = c2r.SAE(cfg()).train()
     x = data()[0]
     x_hat, acts, _ = sae(x)
-    losses = c2r.prefix_losses(sae, x, acts)
+    losses = c2r.prefix_losses(sae, x, *sparse(acts))
     assert losses.shape == (1,)
     torch.testing.assert_close(losses[0], (x_hat - x).pow(2).sum(-1).mean())
     # ... so training a one-prefix Matryoshka SAE is training a BatchTopK SAE, step for step
@@ -49,14 +55,16 @@ def test_each_prefix_uses_only_its_latents():
     with torch.no_grad():
         sae.b_dec_D.normal_()
     x = torch.randn(16, 8, dtype=torch.float64)
-    acts = torch.relu(torch.randn(16, 24, dtype=torch.float64)).requires_grad_()
-    losses = c2r.prefix_losses(sae, x, acts)
+    acts = torch.relu(torch.randn(16, 24, dtype=torch.float64))
+    vals, rows, cols = sparse(acts)
+    vals.requires_grad_()
+    losses = c2r.prefix_losses(sae, x, vals, rows, cols)
     for i, m in enumerate(sae.cfg.prefixes):
-        ref = (acts[:, :m] @ sae.W_dec_FD[:m] + sae.b_dec_D - x).pow(2).sum(-1).mean()
+        ref = (acts[:, :m] @ sae.W_dec_FD[:m] + sae.b_dec_D - x).pow(2).sum(-1).mean()   # dense, naive
         torch.testing.assert_close(losses[i], ref)
-        g_acts, g_W = torch.autograd.grad(losses[i], (acts, sae.W_dec_FD), retain_graph=True)
-        assert (g_acts[:, m:] == 0).all() and (g_W[m:] == 0).all()       # later latents: no say at all
-        assert (g_acts[:, :m] != 0).any(1).all() and (g_W[:m] != 0).any(1).all()
+        g_vals, g_W = torch.autograd.grad(losses[i], (vals, sae.W_dec_FD), retain_graph=True)
+        assert (g_vals[cols >= m] == 0).all() and (g_W[m:] == 0).all()   # later latents: no say at all
+        assert (g_vals[cols < m] != 0).all() and (g_W[:m][(acts[:, :m] > 0).any(0)] != 0).any(1).all()
     # and the last prefix is the whole SAE's reconstruction
     torch.testing.assert_close(losses[-1], (sae.decode(acts) - x).pow(2).sum(-1).mean())
 
@@ -69,7 +77,7 @@ def test_composes_with_c2r():
     xs = data()
     ref.b_dec_D.data.copy_(c2r.geometric_median(xs[0]))
     _, acts, _ = ref(xs[0])
-    want = c2r.prefix_losses(ref, xs[0], acts).mean() + 0.7 * c2r.c2r_loss(acts, ref.W_dec_FD)
+    want = c2r.prefix_losses(ref, xs[0], *sparse(acts)).mean() + 0.7 * c2r.c2r_loss(acts, ref.W_dec_FD)
     _, log = c2r.train(sae, xs + data(14, seed=1), progress=False)
     assert log[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
 
@@ -81,3 +89,17 @@ def test_checkpoint_keeps_prefixes(tmp_path):
     assert raw["config"]["prefixes"] == (2, 6, 24)
     back, _ = c2r.load(tmp_path / "m.pt")
     assert back.cfg == sae.cfg
+
+
+def test_empty_prefix_and_inference_threshold():
+    sae = c2r.SAE(cfg(prefixes=(3, 10))).train()
+    x = data()[0]
+    acts = torch.relu(torch.randn(32, 24))
+    acts[:, :3] = 0                                    # nothing kept in the first prefix
+    losses = c2r.prefix_losses(sae, x, *sparse(acts))
+    torch.testing.assert_close(losses[0], (sae.b_dec_D - x).pow(2).sum(-1).mean())
+    # at inference Matryoshka is BatchTopK: the learned threshold, not the batch's top k*B
+    sae.eval()
+    sae.threshold.fill_(0.3)
+    pre = sae.pre_acts(x)
+    torch.testing.assert_close(sae.encode(x), pre * (pre > 0.3))

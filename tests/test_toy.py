@@ -98,7 +98,7 @@ def test_duplicate_latent_raises_splitting(data):
 
 
 def args(**kw):
-    a = dict(alpha=1.0, width=60, k=4, l1=0.3, steps=300, batch=256, lr=3e-3, n_eval=2048)
+    a = dict(alpha=1.0, width=60, k=4, l1=0.3, steps=300, batch=256, lr=3e-3, n_eval=2048, nbr_every=1)
     return argparse.Namespace(**{**a, **kw})
 
 

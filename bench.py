@@ -1,0 +1,311 @@
+"""
+Speed of one SAE training step, side by side, and of c2r_loss alone (README, Speed).
+
+    python bench.py                 # CUDA if present: d_model 768, 24,576 and 65,536 latents, batch 4,096,
+                                    # TopK k=32, bf16 autocast; c2r_loss at 24,576 / 65,536 / 131,072
+    python bench.py --device cpu    # small sizes (the defaults below), fp32
+
+The step rows, all TopK with the same SAE, optimiser and batch:
+  ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
+  ours + C²R      the same with C²R (lambda 5, alpha 1), neighbour table refreshed every R steps
+  dense           a straightforward step: dense codes, dense decode, dense backward, no C²R
+  dense + chunked the same with C²R as the authors' code computes it, every step: the latents cut
+                  into random chunks of 8,192, a cosine matrix per chunk (neighbours within the
+                  chunk), a_F from the dense [B, F] code matrix; written here from that description
+ms/step is the mean over a whole number of R-step periods, so the table refreshes are paid for;
+the median is printed too. Every row runs in its own fresh process, so memory is its own:
+peak torch.cuda.max_memory_allocated on GPU, on CPU the growth of the process's peak RSS
+(ru_maxrss) over the steps (model and data excluded: torch's CPU allocator has no peak counter).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import c2r
+
+ROWS = ("ours", "ours + C²R", "dense", "dense + chunked C²R")
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(batches, stamps, dev, prof=None, prof_steps=()):
+    """Yields the batches and stamps the time of each request: the time between two requests
+    is one whole step, whoever runs the loop (c2r.train or the dense loop below). Runs the
+    profiler, if any, over the steps in prof_steps, which come after the timed ones."""
+    for i, x in enumerate(batches):
+        sync(dev)
+        stamps.append(time.perf_counter())
+        if prof is not None and i in (prof_steps[0], prof_steps[-1] + 1):
+            prof.start() if i == prof_steps[0] else prof.stop()
+        yield x
+
+
+def chunked_c2r(acts_BF, W_dec_FD, alpha, chunk=8192):
+    """C²R as the authors compute it (from the description in the issue): every step, random
+    chunks of `chunk` latents, the full cosine matrix of each chunk, the nearest other latent
+    *within the chunk*, and a_F from the dense code matrix."""
+    n = W_dec_FD.shape[0]
+    f32 = torch.promote_types(W_dec_FD.dtype, torch.float32)      # bf16 under autocast: sum in fp32
+    a_F = torch.linalg.vector_norm(acts_BF.to(f32), dim=0)
+    perm = torch.randperm(n, device=W_dec_FD.device)
+    total = 0.0
+    for s in range(0, n, chunk):
+        idx = perm[s:s + chunk]
+        W = F.normalize(W_dec_FD[idx], dim=1)
+        cos = (W @ W.T).to(f32)
+        cos = cos.masked_fill(torch.eye(len(idx), dtype=torch.bool, device=cos.device), -float("inf"))
+        c, j = cos.max(1)
+        a = a_F[idx]
+        total = total + ((a + a[j]) ** alpha * c.clamp(min=0) ** 2).sum()
+    return total / n
+
+
+def dense_train(sae, batches, cfg, chunked):
+    """The straightforward step: sae(x) (dense codes, dense decode), autograd through it all;
+    the same Adam, decoder-gradient projection, clipping and renormalisation as c2r.train."""
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    sae.train()
+    for step, x in enumerate(itertools.islice(batches, cfg.steps)):
+        if step == 0:
+            sae.b_dec_D.data.copy_(c2r.geometric_median(x))
+        x_hat, acts, _ = sae(x)
+        loss = (x_hat.float() - x).pow(2).sum(-1).mean()
+        if chunked:
+            loss = loss + cfg.c2r_lambda * chunked_c2r(acts, sae.W_dec_FD, cfg.c2r_alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W, G = sae.W_dec_FD, sae.W_dec_FD.grad
+            G -= (G * W).sum(1, keepdim=True) * W
+        nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
+        opt.step()
+        sae.renorm_()
+
+
+def maxrss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
+
+
+def start_memory(dev):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return maxrss_mib()
+
+
+def peak_memory(dev, rss0):
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return maxrss_mib() - rss0
+
+
+def autocast(a):
+    return torch.autocast(a.device, dtype=torch.bfloat16) if a.amp == "bf16" else nullcontext()
+
+
+def step_row(a, row, n_latents):
+    """One row of the step table, run in this (fresh) process."""
+    dev = torch.device(a.device)
+    R = a.nbr_every
+    W = -(-a.warmup // R) * R                     # whole R-periods: refreshes included in the mean
+    N = -(-a.steps // R) * R
+    P = 5 if a.profile else 0                     # profiled steps, after the timed ones
+    cfg = c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k,
+                     c2r_lambda=a.lam if "C²R" in row else 0.0, c2r_alpha=1.0, nbr_every=R,
+                     steps=W + N + P + 1, warmup=0.0, decay=0.0, log_every=10**9, seed=0)
+    sae = c2r.SAE(cfg).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    xs = [torch.randn(a.batch, a.d_model, device=dev, generator=g) for _ in range(4)]
+    stamps, prof = [], None
+    if a.profile:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        prof = torch.profiler.profile(activities=acts)
+    batches = timed(itertools.cycle(xs), stamps, dev, prof, range(W + N, W + N + P))
+    rss0 = start_memory(dev)
+    with autocast(a):
+        if row.startswith("ours"):
+            c2r.train(sae, batches, progress=False)
+        else:
+            dense_train(sae, batches, cfg, chunked="C²R" in row)
+    sync(dev)
+    ms = [1e3 * (t1 - t0) for t0, t1 in zip(stamps[W:W + N], stamps[W + 1:W + N + 1])]
+    if prof is not None:
+        os.makedirs(a.profile, exist_ok=True)
+        name = f"profile-{row.replace(' ', '').replace('+', '-').replace('²', '2')}-{n_latents}.txt"
+        key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        with open(os.path.join(a.profile, name), "w") as f:
+            f.write(f"{row}, {n_latents} latents, {P} steps\n")
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+    return dict(row=row, n_latents=n_latents, ms=statistics.fmean(ms), ms_median=statistics.median(ms),
+                tok_s=a.batch / statistics.fmean(ms) * 1e3, mem_mib=peak_memory(dev, rss0), steps=N, R=R)
+
+
+def c2r_row(a, n_latents):
+    """c2r_loss alone: an exact fresh neighbour search, the value, and its backward, in fp32,
+    on post-TopK codes [batch, n_latents] (k nonzeros a row). Also the search alone."""
+    dev = torch.device(a.device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    idx = torch.randint(n_latents, (a.batch, a.k), device=dev, generator=g)
+    acts = torch.zeros(a.batch, n_latents, device=dev).scatter_(
+        1, idx, torch.rand(a.batch, a.k, device=dev, generator=g) + 0.1).requires_grad_()
+    W = torch.randn(n_latents, a.d_model, device=dev, generator=g).requires_grad_()
+    rss0 = start_memory(dev)
+
+    def clock(fn, reps):
+        out = []
+        for _ in range(reps):
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            out.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(out)
+
+    def loss():
+        acts.grad = W.grad = None
+        c2r.c2r_loss(acts, W).backward()
+
+    reps = a.c2r_reps
+    if reps > 1:
+        loss()                                         # warmup
+    res = dict(row="c2r_loss", n_latents=n_latents, ms=clock(loss, reps))
+    res["mem_mib"] = peak_memory(dev, rss0)
+    res["search_ms"] = clock(lambda: c2r.nearest_neighbours(W), reps)
+    # what train() pays on the steps between two searches: the penalty from the k*B values
+    nbr_F, (rows, cols) = c2r.nearest_neighbours(W), acts.detach().nonzero(as_tuple=True)
+    vals = acts.detach()[rows, cols].requires_grad_()
+
+    def penalty():
+        vals.grad = W.grad = None
+        c2r.c2r_penalty(c2r.code_norms(vals, cols, n_latents), W, nbr_F).backward()
+
+    if reps > 1:
+        penalty()
+    res["penalty_ms"] = clock(penalty, max(reps, 5))
+    if dev.type == "cuda":                             # the search in bf16: not exact near ties
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            res["search_bf16_ms"] = clock(lambda: c2r.nearest_neighbours(W), reps)
+    return res
+
+
+def child(a, spec):
+    torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = c2r_row(a, spec["n_latents"]) if spec["row"] == "c2r_loss" else step_row(a, spec["row"], spec["n_latents"])
+    print("RESULT " + json.dumps(res))
+
+
+def run_child(argv, spec):
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", json.dumps(spec)],
+                       capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return dict(spec, error=err[:200])
+
+
+def fmt(v, f):
+    return "-" if v is None else format(v, f)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--d-model", type=int, default=None, help="default: 768 on GPU, 256 on CPU")
+    ap.add_argument("--latents", type=int, nargs="*", default=None,
+                    help="step table at these widths; default 24576 65536 (GPU), 4096 16384 (CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="tokens a step; default 4096 (GPU), 512 (CPU)")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--lam", type=float, default=5.0, help="C²R lambda (the paper's)")
+    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="R for `ours + C²R`")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps; default 20 (GPU), 3 (CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps; default 100 (GPU), 10 (CPU)")
+    ap.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast; default bf16 on GPU")
+    ap.add_argument("--c2r-latents", type=int, nargs="*", default=None,
+                    help="c2r_loss alone at these widths; default 24576 65536 131072 (GPU), 4096 16384 (CPU)")
+    ap.add_argument("--c2r-reps", type=int, default=None, help="timed repeats of c2r_loss; default 5 (GPU), 1 (CPU)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of 5 steps of each row to this folder")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    gpu = a.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU")
+    a.d_model = a.d_model or (768 if gpu else 256)
+    a.latents = ([24576, 65536] if gpu else [4096, 16384]) if a.latents is None else a.latents
+    a.batch = a.batch or (4096 if gpu else 512)
+    a.warmup = (20 if gpu else 3) if a.warmup is None else a.warmup
+    a.steps = a.steps or (100 if gpu else 10)
+    a.amp = a.amp or ("bf16" if gpu else "none")
+    a.c2r_latents = ([24576, 65536, 131072] if gpu else [4096, 16384]) if a.c2r_latents is None else a.c2r_latents
+    a.c2r_reps = a.c2r_reps or (5 if gpu else 1)
+    if a.child:
+        return child(a, json.loads(a.child))
+
+    dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
+    print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
+          f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
+          f"autocast {a.amp}, C²R lambda {a.lam}, R={a.nbr_every}")
+    mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
+    results = []
+    for n in a.latents:
+        print(f"\n{n:,} latents: one training step ({a.steps}+ timed steps after {a.warmup}+ warmup)")
+        print(f"{'':>22} {'ms/step':>9} {'median':>8} {'tokens/s':>11} {mem:>30}")
+        got = {}
+        for row in a.rows:
+            r = got[row] = run_child(argv, dict(row=row, n_latents=n))
+            results.append(r)
+            if "error" in r:
+                print(f"{row:>22}  failed: {r['error']}")
+                continue
+            print(f"{row:>22} {r['ms']:9.2f} {r['ms_median']:8.2f} {r['tok_s']:11,.0f} {r['mem_mib']:30.0f}",
+                  flush=True)
+        ok = {k: v["ms"] for k, v in got.items() if "error" not in v}
+        for num, den, what in (("ours + C²R", "ours", "C²R's cost on our step (target <= 1.10)"),
+                               ("dense + chunked C²R", "dense", "chunked C²R's cost on the dense step"),
+                               ("dense", "ours", "dense step / our step"),
+                               ("dense + chunked C²R", "ours + C²R", "with C²R: dense + chunked / ours")):
+            if num in ok and den in ok:
+                print(f"{'':>22} {ok[num] / ok[den]:6.2f}x  {what}")
+    if a.c2r_latents:
+        print(f"\nc2r_loss alone, fp32, fresh exact search + value + backward, batch {a.batch} "
+              f"(median of {a.c2r_reps}); the search alone; the penalty alone, as train() computes it "
+              f"between searches (code_norms of the k*B values + c2r_penalty, forward and backward)")
+        print(f"{'latents':>10} {'c2r_loss ms':>12} {'search ms':>10} {'search bf16 ms':>15} {'penalty ms':>11} {mem:>30}")
+        for n in a.c2r_latents:
+            r = run_child(argv, dict(row="c2r_loss", n_latents=n))
+            results.append(r)
+            if "error" in r:
+                print(f"{n:>10,}  failed: {r['error']}")
+                continue
+            print(f"{n:>10,} {r['ms']:12.1f} {r['search_ms']:10.1f} {fmt(r.get('search_bf16_ms'), '15.1f'):>15} "
+                  f"{r['penalty_ms']:11.2f} {r['mem_mib']:30.0f}", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(argv=argv, device=dev_name, torch=torch.__version__, args=vars(a), results=results), f,
+                      indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
