@@ -385,7 +385,7 @@ def sweep(args):
     return rows, text
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", default="all", choices=["all", *c2r.KINDS])
     ap.add_argument("--lam", type=float, default=None, help="C²R lambda (default: per kind, see DEFAULT_LAM)")
@@ -402,26 +402,29 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="trade-off curves: every method across its knob")
     ap.add_argument("--compare", action="store_true",
                     help="baseline, C²R, Matryoshka, Matryoshka + C²R on two toys, with cross-run stability")
-    ap.add_argument("--jobs", type=int, default=2, help="--sweep/--compare: worker processes")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     ap.add_argument("--out", default="figures/sweep", help="--sweep writes OUT.txt and OUT.png")
-    args = ap.parse_args(argv)
+    ap.set_defaults(stability=False)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     torch.set_num_threads(1)   # the toy's matrices are tiny: more threads only add overhead
-    if args.sweep or args.compare:
-        t0 = time.time()
-        rows, text = sweep(args) if args.sweep else compare(args)
-        print(text)
-        print(f"{len(args.seeds)} seeds, {args.jobs} jobs, {time.time() - t0:.1f} s")
-        return rows
-    kinds = ("relu", "topk", "batchtopk") if args.kind == "all" else [args.kind]   # matryoshka: --compare
-    toy = Toy()
     t0 = time.time()
-    rows = {}
-    for kind in kinds:
-        lam = DEFAULT_LAM[kind] if args.lam is None else args.lam
-        for l in (0.0, lam):
-            rows[(kind, l)] = [run(kind, l, s, args, toy) for s in args.seeds]
-    print(table(rows))
-    print(f"{len(args.seeds)} seeds, {time.time() - t0:.1f} s")
+    if args.sweep or args.compare:
+        rows, text = sweep(args) if args.sweep else compare(args)
+    else:   # the default: baseline and C²R at its default lambda, per kind (matryoshka: --compare)
+        keys, jobs = [], []
+        for kind in (("relu", "topk", "batchtopk") if args.kind == "all" else [args.kind]):
+            for lam in (0.0, DEFAULT_LAM[kind] if args.lam is None else args.lam):
+                keys.append((kind, lam))
+                jobs += [(kind, lam, s, args, Toy()) for s in args.seeds]
+        res = iter(run_all(jobs, args.jobs))
+        rows = {key: [next(res) for _ in args.seeds] for key in keys}
+        text = table(rows)
+    print(text)
+    print(f"{len(args.seeds)} seeds, {args.jobs} jobs, {time.time() - t0:.1f} s")
     return rows
 
 

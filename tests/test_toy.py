@@ -1,7 +1,5 @@
 """The toy's generator and exact metrics on hand-built dictionaries with known answers."""
 
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,9 +95,9 @@ def test_duplicate_latent_raises_splitting(data):
     assert tt.splitting(W, data.G_GD, alive) == 1.0
 
 
-def args(**kw):
-    a = dict(alpha=1.0, width=60, k=4, l1=0.3, steps=300, batch=256, lr=3e-3, n_eval=2048, nbr_every=1)
-    return argparse.Namespace(**{**a, **kw})
+def args(*argv):
+    return tt.parser().parse_args(["--width", "60", "--steps", "300", "--batch", "256", "--n-eval", "2048",
+                                   "--nbr-every", "1", *argv])
 
 
 def test_c2r_lowers_absorption_end_to_end():
@@ -111,6 +109,7 @@ def test_c2r_lowers_absorption_end_to_end():
 
 
 def test_main_prints_table(capsys):
-    rows = tt.main(["--kind", "topk", "--steps", "20", "--seeds", "0", "--n-eval", "256", "--batch", "64"])
+    rows = tt.main(["--kind", "topk", "--steps", "20", "--seeds", "0", "--n-eval", "256", "--batch", "64",
+                    "--jobs", "1"])
     out = capsys.readouterr().out
     assert "absorb" in out and "split" in out and len(rows) == 2
