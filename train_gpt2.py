@@ -9,7 +9,8 @@ Read it top to bottom:
   1. the model: load it, read the residual stream after block L with a forward hook
   2. the text: local .txt files, a Hugging Face dataset, or random tokens -> fixed-length contexts
   3. the activation buffer: harvest, shuffle, serve every activation once, refill
-  4. evaluation: FVU, L0, dead latents, CE loss recovered, first-letter absorption
+  4. evaluation: FVU, L0, dead latents, CE loss recovered, first-letter absorption,
+     cross-run stability (--stability)
   5. saving: our checkpoint (reloads exactly) and the SAELens layout
   6. main: train a baseline (lambda = 0) and a C²R SAE on the same token stream with c2r.train
 
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import c2r
+import train_toy    # its stability() / assign(): the exact cross-run matching, shared with the toy
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -154,11 +156,13 @@ def read_tokens(data, tok):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def contexts(data, tok, ctx, n_eval, vocab_size, seed=0):
+def contexts(data, tok, ctx, n_eval, vocab_size, seed=0, order=None):
     """Returns (eval_ids [n_eval, ctx], train): train is an endless iterator of [ctx] rows.
     Every context starts with a BOS token (position 0, left out of training and of the SAE's
     splice) followed by ctx - 1 tokens of text. The order is fixed by the seed, so two passes
-    over the stream see the same contexts in the same order."""
+    over the stream see the same contexts in the same order. order: another seed for the
+    training contexts only (local text: reshuffled; random: other tokens; a streamed dataset
+    keeps its order), the held-out ones staying those of `seed`."""
     if ctx < 2:
         raise ValueError(f"--ctx must be >= 2 (BOS + at least one token), got {ctx}")
     g = torch.Generator().manual_seed(seed)
@@ -167,7 +171,10 @@ def contexts(data, tok, ctx, n_eval, vocab_size, seed=0):
             while True:
                 yield torch.randint(vocab_size, (ctx,), generator=g)
         it = rows()
-        return torch.stack([next(it) for _ in range(n_eval)]), it
+        ev = torch.stack([next(it) for _ in range(n_eval)])
+        if order is not None:
+            g.manual_seed(order)
+        return ev, it
 
     if tok is None:
         raise ValueError("no tokenizer: pass --tokenizer DIR (or use --data random)")
@@ -181,6 +188,9 @@ def contexts(data, tok, ctx, n_eval, vocab_size, seed=0):
         rows_NT = torch.cat([torch.full((n, 1), bos), ids[: n * (ctx - 1)].view(n, ctx - 1)], 1)
         rows_NT = rows_NT[torch.randperm(n, generator=g)]
         ev, tr = rows_NT[:n_eval], rows_NT[n_eval:]
+        if order is not None:
+            g.manual_seed(order)
+            tr = tr[torch.randperm(len(tr), generator=g)]
 
         def cycle():   # a small corpus is repeated, in a fresh order each epoch
             for epoch in itertools.count():
@@ -261,7 +271,8 @@ def shuffled(chunks, n_buffer, batch, gen):
 
 @torch.no_grad()
 def recon_metrics(sae, x_ND, chunk=4096):
-    """FVU, explained variance, L0 and dead latents (never active on these tokens)."""
+    """FVU, explained variance, L0, dead latents (never active on these tokens) and the mask
+    of the live ones (`fired`, a tensor: pop it before writing JSON)."""
     err = l0 = 0.0
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=x_ND.device)
     for s in range(0, len(x_ND), chunk):
@@ -271,7 +282,7 @@ def recon_metrics(sae, x_ND, chunk=4096):
         l0 += (acts != 0).sum().item()
         fired |= (acts != 0).any(0)
     fvu = err / (x_ND - x_ND.mean(0)).pow(2).sum().item()
-    return dict(fvu=fvu, explained_variance=1 - fvu, l0=l0 / len(x_ND), dead=int((~fired).sum()))
+    return dict(fvu=fvu, explained_variance=1 - fvu, l0=l0 / len(x_ND), dead=int((~fired).sum()), fired=fired)
 
 
 def ce_recovered(ce_sae, ce_clean, ce_zero):
@@ -423,6 +434,56 @@ def letter_activations(model, blocks, layer, tok, words, device, batch=64, amp=n
     return torch.cat([resid(model, blocks, layer, c.to(device), amp)[:, -1] for c in ids.split(batch)])
 
 
+@torch.no_grad()
+def greedy_match(W_a_FD, W_b_FD, block=2048):
+    """The greedy one-to-one matching of two dictionaries' rows by cosine (pairs taken in
+    descending cosine, each latent at most once), without the [n_a, n_b] matrix: in rounds, each
+    free latent of A finds its most similar free latent of B and vice versa (blocked maxes), and
+    mutual nearest neighbours are matched. Greedy takes such a pair before any other pair that
+    touches either latent, so it is in the greedy matching (ties aside); the most similar free
+    pair is always mutual, so every round matches at least one. Until the smaller side is all matched: returns its min(n_a, n_b)
+    matched cosines. Cost: O(n_a n_b D) per round, a few rounds in practice."""
+    A, B = F.normalize(W_a_FD.float(), dim=1), F.normalize(W_b_FD.float(), dim=1)
+    free_a, free_b = torch.arange(len(A), device=A.device), torch.arange(len(B), device=B.device)
+    out = [A.new_zeros(0)]
+    while len(free_a) and len(free_b):
+        B_f = B[free_b]
+        best_b = torch.empty(len(free_a), dtype=torch.long, device=A.device)   # each free a's best free b
+        top_a = torch.full((len(free_b),), -float("inf"), device=A.device)     # each free b's best free a
+        best_a = torch.zeros(len(free_b), dtype=torch.long, device=A.device)
+        for s in range(0, len(free_a), block):
+            cos = A[free_a[s:s + block]] @ B_f.T
+            best_b[s:s + block] = cos.argmax(1)
+            v, i = cos.max(0)
+            new = v > top_a                          # strict: the first of equals, as argmax
+            top_a, best_a = torch.where(new, v, top_a), torch.where(new, i + s, best_a)
+        ia = (best_a[best_b] == torch.arange(len(free_a), device=A.device)).nonzero().squeeze(1)
+        if len(ia) == 0:
+            raise RuntimeError("greedy_match: no mutual nearest neighbours (NaN in a decoder?)")
+        ib = best_b[ia]
+        out.append((A[free_a[ia]] * B[free_b[ib]]).sum(1))
+        keep_a = torch.ones(len(free_a), dtype=torch.bool, device=A.device)
+        keep_b = torch.ones(len(free_b), dtype=torch.bool, device=A.device)
+        keep_a[ia], keep_b[ib] = False, False
+        free_a, free_b = free_a[keep_a], free_b[keep_b]
+    return torch.cat(out)
+
+
+def stability(W_a_FD, W_b_FD, alive_a, alive_b, thr=0.9, exact_max=2000):
+    """Cross-run stability of two SAEs' live latents, as train_toy.stability: (fraction of the
+    larger live set matched at cosine >= thr, mean matched cosine, number matched, method).
+    Exact (Hungarian, train_toy.assign: O(n^3), numpy, CPU) up to exact_max live latents a side;
+    above, greedy_match on the device. Greedy's number is a lower bound on the most pairs at
+    >= thr any one-to-one matching has, and at least half of it; its mean cosine is a lower
+    bound on the exact one."""
+    W_a_FD, W_b_FD, n_a, n_b = W_a_FD.detach(), W_b_FD.detach(), int(alive_a.sum()), int(alive_b.sum())
+    if max(n_a, n_b) <= exact_max:
+        return (*train_toy.stability(W_a_FD.cpu(), W_b_FD.cpu(), alive_a.cpu(), alive_b.cpu(), thr), "hungarian")
+    cos = greedy_match(W_a_FD[alive_a], W_b_FD[alive_b])
+    n = int((cos >= thr).sum())
+    return n / max(n_a, n_b), cos.mean().item(), n, "greedy"
+
+
 # -----------------------------------------------------------------------------
 # 5. Saving
 
@@ -515,6 +576,9 @@ def parse_args(argv=None):
     e.add_argument("--probe-words", type=int, default=8000, help="single-token words for the letter probes (0: skip)")
     e.add_argument("--min-probe-f1", type=float, default=0.6, help="drop letters whose probe is worse")
     e.add_argument("--max-k", type=int, default=10, help="k-sparse probing up to this k")
+    e.add_argument("--stability", action="store_true",
+                   help="also train baseline_run2 and c2r_run2 (SAE seed and training-token order seed + 1000) "
+                        "and match each pair's live latents by decoder cosine")
     o = p.add_argument_group("run")
     o.add_argument("--out", default="out_gpt2", help="output folder")
     o.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -557,10 +621,12 @@ def run(args):
                     batch=args.batch, buffer=int(args.buffer), model_batch=args.model_batch,
                     normalize=args.normalize, seed=args.seed)
 
-    def stream(clock):
-        """The training batches: the same seeded token order and shuffle every time it is called."""
-        ev, rows = contexts(args.data, tok, T, n_eval, model.config.vocab_size, args.seed)
-        gen = torch.Generator(device=dev).manual_seed(args.seed)
+    def stream(clock, seed):
+        """The training batches: the same seeded token order and shuffle every time it is called
+        with the same seed; another seed reorders them (same held-out tokens)."""
+        ev, rows = contexts(args.data, tok, T, n_eval, model.config.vocab_size, args.seed,
+                            order=None if seed == args.seed else seed)
+        gen = torch.Generator(device=dev).manual_seed(seed)
         chunks = harvest(model, blocks, args.layer, rows, args.model_batch, dev, amp(), clock)
         return ev, (x * scale for x in shuffled(chunks, int(args.buffer), args.batch, gen))
 
@@ -573,12 +639,16 @@ def run(args):
         scale = first.pow(2).sum(1).mean().rsqrt().item()
     say(f"activation scale {scale:.4g}")
 
-    # ---- train the two SAEs, one after the other, on the same stream
+    # ---- train the two SAEs, one after the other, on the same stream (--stability: and their
+    # second runs, with another SAE seed and token order, on the same stream as each other)
     saes, logs, timing = {}, {}, {}
-    for name, lam in (("baseline", 0.0), ("c2r", args.lam)):
+    jobs = [("baseline", 0.0, args.seed), ("c2r", args.lam, args.seed)]
+    if args.stability:
+        jobs += [("baseline_run2", 0.0, args.seed + 1000), ("c2r_run2", args.lam, args.seed + 1000)]
+    for name, lam, seed in jobs:
         cfg = c2r.Config(d_model=D, n_latents=args.n_latents, kind=args.kind, k=args.k, l1_coeff=args.l1_coeff,
                          c2r_lambda=lam, c2r_alpha=args.alpha, nbr_every=args.nbr_every, steps=steps, lr=args.lr,
-                         log_every=max(1, steps // 20), seed=args.seed)
+                         log_every=max(1, steps // 20), seed=seed)
         ck, final = os.path.join(args.out, f"{name}.ckpt.pt"), os.path.join(args.out, f"{name}.pt")
         sae, start, opt_state, log = c2r.SAE(cfg).to(dev), 0, None, []
         if args.resume and os.path.exists(ck):
@@ -598,7 +668,7 @@ def run(args):
                 c2r.save(sae, ck, step=step + 1, opt=opt.state_dict(), log=log0 + new_log, run=run_info, scale=scale)
 
         clock = {}
-        _, batches = stream(clock)
+        _, batches = stream(clock, seed)
         t0 = time.time()
         if start < steps:
             batches = itertools.islice(batches, start, None)    # replay the stream up to the checkpoint
@@ -621,7 +691,7 @@ def run(args):
                             for c in ev.split(args.model_batch)) / len(ev)
     ce_clean, ce_zero = ce(None), ce(lambda h: torch.zeros_like(h))
     results = dict(run=run_info, scale=scale, ce_clean=ce_clean, ce_zero_ablation=ce_zero, saes={})
-    probes = None
+    probes, fired = None, {}
     if args.probe_words > 0 and tok is not None:
         words = letter_words(tok, args.probe_words, args.seed)
         x_w = letter_activations(model, blocks, args.layer, tok, words, dev, amp=amp())
@@ -637,6 +707,7 @@ def run(args):
     for name, sae in saes.items():
         raw = fold(sae, scale)
         r = recon_metrics(raw, x_eval)
+        fired[name] = r.pop("fired")
         r["ce_loss"] = ce(lambda h: raw(h.reshape(-1, D))[0].view_as(h))
         r["ce_recovered"] = ce_recovered(r["ce_loss"], ce_clean, ce_zero)
         if probes is not None:
@@ -648,6 +719,13 @@ def run(args):
                 mean_split_latents=sum(x["n_split"] for x in rows) / max(len(rows), 1), letters=rows)
         r["final_c2r"] = logs[name][-1]["c2r"] if logs[name] else None
         results["saes"][name] = r
+    if args.stability:     # run 1 vs run 2, live latents (fired on the held-out tokens) only
+        results["stability"] = {}
+        for name in ("baseline", "c2r"):
+            frac, cos, n, how = stability(saes[name].W_dec_FD, saes[name + "_run2"].W_dec_FD,
+                                          fired[name], fired[name + "_run2"])
+            results["stability"][name] = dict(stab09=frac, stab09_n=n, stab_cos=cos, method=how,
+                                              live=[int(fired[name].sum()), int(fired[name + "_run2"].sum())])
     if dev.type == "cuda":
         torch.cuda.synchronize()
     eval_s = time.time() - t0
@@ -681,6 +759,15 @@ def table(res):
             out.append(f"| {label} | " + " | ".join(f"{res['saes'][n]['absorption'][key]:.4f}" for n in names) + " |")
         out.append(f"\nletters kept {pr['letters_kept']}/26 (probe F1 >= bar; {pr['letters_dropped']} dropped), "
                    f"{pr['n_words']} words")
+    if "stability" in res:
+        st = res["stability"]
+        out += ["\ncross-run stability (run 1 vs run 2: live latents matched one to one by decoder cosine)",
+                "| | " + " | ".join(st) + " |", "|---" * (len(st) + 1) + "|"]
+        for label, key, fmt in (("matched at cos >= 0.9 (fraction of the larger live set)", "stab09", "{:.4f}"),
+                                ("matched at cos >= 0.9 (number)", "stab09_n", "{}"),
+                                ("mean matched cosine", "stab_cos", "{:.4f}"), ("live latents (run 1, run 2)", "live", "{}"),
+                                ("matching", "method", "{}")):
+            out.append(f"| {label} | " + " | ".join(fmt.format(st[n][key]) for n in st) + " |")
     t = res["timing"]
     for n in names:
         out.append(f"{n}: {t[n]['steps']} steps in {t[n]['wall_s']:.1f}s; harvest {t[n]['harvest_tok_per_s']:,.0f} tok/s, "

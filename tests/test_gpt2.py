@@ -13,6 +13,7 @@ pytest.importorskip("safetensors")
 
 import c2r  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
+from train_toy import stability  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -73,7 +74,7 @@ def args_for(tiny, out, *extra):
 def test_end_to_end_and_exact_reload(tiny, tmp_path):
     res, saes = tg.run(args_for(tiny, tmp_path))
     out = json.load(open(tmp_path / "results.json"))
-    assert set(out["saes"]) == {"baseline", "c2r"}
+    assert set(out["saes"]) == {"baseline", "c2r"} and "stability" not in out
     for name, r in out["saes"].items():
         assert 0 <= r["fvu"] < 1, name                 # it learned something
         assert 0 < r["l0"] and 0 <= r["dead"] <= 96
@@ -102,6 +103,37 @@ def test_end_to_end_and_exact_reload(tiny, tmp_path):
         # a JumpReLU with that threshold is our inference encoder
         pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
         assert torch.equal(F.relu(pre) * (pre > w["threshold"]), back.encode(x))
+
+
+def test_stability_second_runs_and_matching(tiny, tmp_path):
+    """--stability: a second baseline and C²R SAE (another init, another token order, the same
+    held-out tokens), and each pair's live latents matched as train_toy.stability does."""
+    model_dir, text, model, tok = tiny
+    res, saes = tg.run(args_for(tiny, tmp_path, "--probe-words", "0", "--stability"))
+    out = json.load(open(tmp_path / "results.json"))
+    assert set(out["saes"]) == {"baseline", "c2r", "baseline_run2", "c2r_run2"}
+    for name in ("baseline", "c2r"):
+        assert not torch.equal(saes[name].W_dec_FD, saes[name + "_run2"].W_dec_FD)
+    # the numbers, recomputed from the saved SAEs on the held-out tokens
+    ev, _ = tg.contexts(text, tok, 16, 20, len(tok))                 # --eval-tokens 300 = 20 contexts of 15
+    x = tg.resid(model, tg.blocks_of(model), 1, ev)[:, 1:].reshape(-1, 64)
+    for name in ("baseline", "c2r"):
+        (a, _), (b, _) = c2r.load(tmp_path / f"{name}.pt"), c2r.load(tmp_path / f"{name}_run2.pt")
+        live_a, live_b = (a.encode(x) != 0).any(0), (b.encode(x) != 0).any(0)
+        st = out["stability"][name]
+        assert st["live"] == [int(live_a.sum()), int(live_b.sum())] == [96 - out["saes"][n]["dead"]
+                                                                         for n in (name, name + "_run2")]
+        frac, cos, n = stability(a.W_dec_FD.detach(), b.W_dec_FD.detach(), live_a, live_b)
+        assert st["method"] == "hungarian" and st["stab09_n"] == n
+        assert st["stab09"] == pytest.approx(frac) and st["stab_cos"] == pytest.approx(cos)
+    assert "cross-run stability" in tg.table(res)
+    # the second runs saw the same held-out contexts but the training contexts in another order
+    ev1, tr1 = tg.contexts(text, tok, 16, 20, len(tok), seed=0)
+    ev2, tr2 = tg.contexts(text, tok, 16, 20, len(tok), seed=0, order=1000)
+    n_tr = len(tg.read_tokens(text, tok)) // 15 - 20                 # one epoch of training contexts
+    a, b = torch.stack([next(tr1) for _ in range(n_tr)]), torch.stack([next(tr2) for _ in range(n_tr)])
+    assert torch.equal(ev1, ev2) and not torch.equal(a[:50], b[:50])
+    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))   # one epoch, reordered
 
 
 def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
