@@ -181,6 +181,9 @@ class SAE(nn.Module):
         # statistics, updated by the train step (never by a loss)
         self.register_buffer("threshold", torch.tensor(0.0))               # batchtopk inference
         self.register_buffer("tokens_since_fired", torch.zeros(Fn, dtype=torch.long))
+        # C²R's neighbour table, refreshed by train() every nbr_every steps; a buffer so that a
+        # checkpoint taken between two refreshes resumes with the very table it was using
+        self.register_buffer("nbr_F", torch.full((Fn,), -1, dtype=torch.long))
 
     def check(self, x_BD):
         if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_model:
@@ -307,7 +310,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     it = iter(batches)
-    nbr_F, log = None, []
+    log = []
     sae.train()
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     for step in pbar:
@@ -347,9 +350,9 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             loss = loss + cfg.aux_coeff * aux_loss(sae, x, x_hat, pre, dead)
         c2r = None
         if cfg.c2r_lambda > 0:
-            if nbr_F is None or step % cfg.nbr_every == 0:
-                nbr_F = nearest_neighbours(sae.W_dec_FD)
-            c2r = c2r_penalty(a_F, sae.W_dec_FD, nbr_F, cfg.c2r_alpha)
+            if step % cfg.nbr_every == 0 or (step == start and sae.nbr_F[0] < 0):
+                sae.nbr_F.copy_(nearest_neighbours(sae.W_dec_FD))
+            c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, cfg.c2r_alpha)
             loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         if not torch.isfinite(loss):
             what = "the input batch contains NaN or inf" if not torch.isfinite(x).all() else \

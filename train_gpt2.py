@@ -567,7 +567,8 @@ def parse_args(argv=None):
     s.add_argument("--l1-coeff", type=float, default=c2r.Config.l1_coeff, help="relu only")
     s.add_argument("--lam", type=float, default=5.0, help="C²R lambda of the second SAE (the first has 0)")
     s.add_argument("--alpha", type=float, default=1.0, help="C²R alpha")
-    s.add_argument("--nbr-every", type=int, default=1, help="refresh C²R's neighbour table every R steps")
+    s.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
+                   help="refresh C²R's neighbour table every R steps (1: exact)")
     s.add_argument("--batch", type=int, default=4096, help="activations per SAE step")
     s.add_argument("--lr", type=float, default=c2r.Config.lr, help="Adam learning rate")
     s.add_argument("--no-normalize", dest="normalize", action="store_false",

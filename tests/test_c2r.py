@@ -277,3 +277,24 @@ def test_metrics_by_hand():
     acts = torch.tensor([[0.0, 2, 0], [1.0, 3, 0]])
     assert c2r.l0(acts).item() == 1.5
     assert c2r.dead_fraction(acts).item() == pytest.approx(1 / 3)
+
+
+def test_resume_between_neighbour_refreshes_is_exact(tmp_path):
+    """A run stopped mid-way (between two neighbour refreshes, R = 3) and resumed from its
+    checkpoint ends with exactly the weights of the uninterrupted run."""
+    cfg = dict(kind="batchtopk", c2r_lambda=1.0, nbr_every=3, steps=8)
+    data = [next(batches(seed=s)) for s in range(8)]
+    full, _ = c2r.train(make(**cfg), iter(data), progress=False)
+
+    def stop_at_4(step, opt, log):
+        if step == 3:
+            c2r.save(sae, tmp_path / "ck.pt", step=4, opt=opt.state_dict())
+            raise KeyboardInterrupt
+    sae = make(**cfg)
+    with pytest.raises(KeyboardInterrupt):
+        c2r.train(sae, iter(data), progress=False, on_step=stop_at_4)
+    sae, extra = c2r.load(tmp_path / "ck.pt")
+    assert (sae.nbr_F >= 0).all()
+    sae, _ = c2r.train(sae, iter(data[4:]), progress=False, start=4, opt_state=extra["opt"])
+    for (name, a), b in zip(full.state_dict().items(), sae.state_dict().values()):
+        assert torch.equal(a, b), name
