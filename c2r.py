@@ -255,8 +255,8 @@ def geometric_median(x_BD, iters=50, eps=1e-8):
 def lr_at(step, cfg):
     """Linear warmup, constant, then linear decay to 0 over the last `decay` of the run."""
     warm, dec = cfg.warmup * cfg.steps, cfg.decay * cfg.steps
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
+    if step < warm:   # min: when warm is not a whole number of steps, (step + 1) / warm can pass 1
+        return cfg.lr * min(1.0, (step + 1) / warm)
     if step >= cfg.steps - dec:
         return cfg.lr * (cfg.steps - step) / dec
     return cfg.lr

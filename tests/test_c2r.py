@@ -277,3 +277,16 @@ def test_metrics_by_hand():
     acts = torch.tensor([[0.0, 2, 0], [1.0, 3, 0]])
     assert c2r.l0(acts).item() == 1.5
     assert c2r.dead_fraction(acts).item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("steps", [10, 30, 37, 1000])
+def test_lr_schedule_never_above_lr(steps):
+    """Warmup of a fraction of steps that is not a whole number of steps (0.05 * 30 = 1.5)
+    used to overshoot: lr_at(1) was 2 / 1.5 = 1.33 lr."""
+    cfg = c2r.Config(steps=steps, lr=1.0)
+    lrs = [c2r.lr_at(s, cfg) for s in range(steps)]
+    assert max(lrs) == 1.0 and min(lrs) > 0
+    assert all(a <= b for a, b in zip(lrs, lrs[1:steps // 2]))                      # warmup: non-decreasing
+    assert all(a >= b for a, b in zip(lrs[steps // 2:], lrs[steps // 2 + 1:]))     # decay: non-increasing
+    flat = c2r.Config(steps=steps, lr=1.0, warmup=0.0, decay=0.0)                  # no division by 0
+    assert [c2r.lr_at(s, flat) for s in range(steps)] == [1.0] * steps
