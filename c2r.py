@@ -165,6 +165,18 @@ class Config:
             raise ValueError(f"nbr_every must be >= 1, got {self.nbr_every}")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError(f"need steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
+        for name in ("c2r_warmup", "warmup", "decay", "l1_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a fraction of the steps, in [0, 1], got {getattr(self, name)}")
+        if self.warmup + self.decay > 1:    # the LR would jump down where the two overlap
+            raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
+        if not 0 <= self.thr_momentum <= 1:
+            raise ValueError(f"thr_momentum must be in [0, 1], got {self.thr_momentum}")
+        if self.aux_k < 0 or self.aux_coeff < 0 or self.dead_tokens < 0:
+            raise ValueError(f"aux_k, aux_coeff and dead_tokens must be >= 0, got {self.aux_k}, "
+                             f"{self.aux_coeff}, {self.dead_tokens}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 class SAE(nn.Module):
@@ -302,6 +314,11 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     state_dict, and `batches` positioned at that step. on_step(step, opt, log), if given,
     is called after every step (e.g. to write a checkpoint)."""
     cfg = cfg or sae.cfg
+    # cfg may change how to train, not what the SAE is: activate() and the losses read sae.cfg
+    differ = [f for f in ("d_model", "n_latents", "kind", "k", "prefixes", "aux_k")
+              if getattr(cfg, f) != getattr(sae.cfg, f)]
+    if differ:
+        raise ValueError(f"cfg and sae.cfg differ in {', '.join(differ)}: build the SAE from this cfg")
     dev = sae.W_dec_FD.device
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     if opt_state is not None:

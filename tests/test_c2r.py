@@ -1,5 +1,6 @@
 """c2r.py against naive references: the loss, its gradients, the SAE kinds, training, checkpoints."""
 
+import dataclasses
 import math
 
 import pytest
@@ -241,6 +242,20 @@ def test_bad_config():
         c2r.Config(c2r_lambda=-1.0)
     with pytest.raises(ValueError, match="kind"):
         c2r.Config(kind="gated")
+    for bad, what in [(dict(warmup=-0.1), "warmup"), (dict(decay=1.5), "decay"), (dict(c2r_warmup=2.0), "c2r_warmup"),
+                      (dict(warmup=0.6, decay=0.5), "warmup \\+ decay"), (dict(log_every=0), "log_every"),
+                      (dict(thr_momentum=1.5), "thr_momentum"), (dict(aux_k=-1), "aux_k")]:
+        with pytest.raises(ValueError, match=what):
+            c2r.Config(**bad)
+
+
+def test_train_refuses_a_cfg_for_another_sae():
+    """train(sae, batches, cfg) may change the optimisation, not the SAE: a cfg of another kind
+    used to train a topk SAE through the relu branch (L1, dense codes) without a word."""
+    with pytest.raises(ValueError, match="kind, k"):
+        c2r.train(make("topk"), batches(), c2r.Config(d_model=8, n_latents=64, kind="relu", k=5), progress=False)
+    sae, log = c2r.train(make("topk"), batches(), dataclasses.replace(make("topk").cfg, steps=4), progress=False)
+    assert log[-1]["step"] == 3
 
 
 def test_bad_batches():
