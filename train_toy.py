@@ -1,7 +1,7 @@
 """
 C²R on a toy where splitting and absorption can be measured exactly.
 
-    python train_toy.py                  # baseline vs C²R, every SAE kind, 3 seeds, < 60 s on 2 cores
+    python train_toy.py                  # baseline vs C²R: relu, topk, batchtopk, 3 seeds, < 60 s on 2 cores
     python train_toy.py --kind topk --lam 0.1 --seeds 0 1 2 3 4
 
 The data are sums of known feature directions with known activations:
