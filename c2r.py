@@ -332,7 +332,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             x = next(it)
         except StopIteration:
             raise ValueError(f"`batches` ran out after {step} of {cfg.steps} steps") from None
-        x = x.to(dev, torch.float32)
+        x = x.to(dev, sae.W_dec_FD.dtype)
         sae.check(x)
         if step == 0:
             sae.b_dec_D.data.copy_(geometric_median(x))
@@ -447,6 +447,8 @@ def load(path, map_location="cpu"):
     obj = torch.load(path, map_location=map_location, weights_only=True)
     names = {f.name for f in fields(Config)}
     cfg = Config(**{k: v for k, v in obj.pop("config").items() if k in names})
-    sae = SAE(cfg)
-    sae.load_state_dict(obj.pop("state"))
+    state = obj.pop("state")
+    # on map_location's device and in the saved dtype: load_state_dict alone would copy into a CPU fp32 SAE
+    sae = SAE(cfg).to(state["W_dec_FD"].device, state["W_dec_FD"].dtype)
+    sae.load_state_dict(state)
     return sae.eval(), obj

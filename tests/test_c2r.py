@@ -197,7 +197,7 @@ def test_training_keeps_unit_decoder_and_learns(kind):
     assert not sae.training
     assert log[-1]["step"] == 59 and set(log[0]) >= {"loss", "fvu", "l0", "c2r", "dead"}
     assert c2r.fvu(x, sae(x)[0]).item() < before
-    if kind == "batchtopk":
+    if kind in ("batchtopk", "matryoshka"):
         assert sae.threshold > 0
 
 
@@ -283,6 +283,30 @@ def test_checkpoint_roundtrip(tmp_path):
     assert extra == {"step": 10} and sae2.cfg == sae.cfg
     x = torch.randn(7, 8)
     assert torch.equal(sae.encode(x), sae2.encode(x)) and torch.equal(sae(x)[0], sae2(x)[0])
+    for name, v in sae.state_dict().items():     # the statistics too: threshold, dead-latent counters
+        assert torch.equal(sae2.state_dict()[name], v), name
+
+
+def test_checkpoint_keeps_dtype(tmp_path):
+    """load() used to copy every checkpoint into a new fp32 SAE (and onto the CPU whatever
+    map_location said): a float64 SAE came back float32."""
+    sae = make("topk").double()
+    c2r.save(sae, tmp_path / "sae.pt")
+    back, _ = c2r.load(tmp_path / "sae.pt")
+    assert back.W_dec_FD.dtype == torch.float64 and back.tokens_since_fired.dtype == torch.long
+    for name, v in sae.state_dict().items():
+        assert torch.equal(back.state_dict()[name], v), name
+
+
+def test_train_in_the_sae_dtype():
+    """Batches are cast to the SAE's dtype: a bf16 SAE used to fail on an fp32 x bf16 matmul,
+    and a float64 SAE saw its batches rounded to fp32."""
+    for kind in ("relu", "batchtopk"):
+        sae, log = c2r.train(make(kind, c2r_lambda=1.0, steps=3).to(torch.bfloat16), batches(), progress=False)
+        assert sae.W_dec_FD.dtype == torch.bfloat16 and math.isfinite(log[-1]["loss"])
+    x = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 3
+    sae, _ = c2r.train(make("topk", steps=1, lr=1e-12).double(), iter([x]), progress=False)
+    torch.testing.assert_close(sae.b_dec_D.data, c2r.geometric_median(x), atol=1e-10, rtol=0)
 
 
 def test_metrics_by_hand():
