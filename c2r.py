@@ -309,7 +309,8 @@ def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N):
 def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
 
-    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps.
+    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps. Step 0 sets b_dec
+    to the geometric median of the first batch, so to fine-tune a trained SAE pass start > 0.
     To resume an interrupted run: pass the step to start from, the optimizer's saved
     state_dict, and `batches` positioned at that step. on_step(step, opt, log), if given,
     is called after every step (e.g. to write a checkpoint)."""
