@@ -165,6 +165,18 @@ class Config:
             raise ValueError(f"nbr_every must be >= 1, got {self.nbr_every}")
         if self.steps < 1 or self.lr <= 0:
             raise ValueError(f"need steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
+        for name in ("c2r_warmup", "warmup", "decay", "l1_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a fraction of the steps, in [0, 1], got {getattr(self, name)}")
+        if self.warmup + self.decay > 1:    # the LR would jump down where the two overlap
+            raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
+        if not 0 <= self.thr_momentum <= 1:
+            raise ValueError(f"thr_momentum must be in [0, 1], got {self.thr_momentum}")
+        if self.aux_k < 0 or self.aux_coeff < 0 or self.dead_tokens < 0:
+            raise ValueError(f"aux_k, aux_coeff and dead_tokens must be >= 0, got {self.aux_k}, "
+                             f"{self.aux_coeff}, {self.dead_tokens}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 class SAE(nn.Module):
@@ -258,8 +270,8 @@ def geometric_median(x_BD, iters=50, eps=1e-8):
 def lr_at(step, cfg):
     """Linear warmup, constant, then linear decay to 0 over the last `decay` of the run."""
     warm, dec = cfg.warmup * cfg.steps, cfg.decay * cfg.steps
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
+    if step < warm:   # min: when warm is not a whole number of steps, (step + 1) / warm can pass 1
+        return cfg.lr * min(1.0, (step + 1) / warm)
     if step >= cfg.steps - dec:
         return cfg.lr * (cfg.steps - step) / dec
     return cfg.lr
@@ -300,11 +312,17 @@ def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N):
 def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
 
-    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps.
+    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps. Step 0 sets b_dec
+    to the geometric median of the first batch, so to fine-tune a trained SAE pass start > 0.
     To resume an interrupted run: pass the step to start from, the optimizer's saved
     state_dict, and `batches` positioned at that step. on_step(step, opt, log), if given,
     is called after every step (e.g. to write a checkpoint)."""
     cfg = cfg or sae.cfg
+    # cfg may change how to train, not what the SAE is: activate() and the losses read sae.cfg
+    differ = [f for f in ("d_model", "n_latents", "kind", "k", "prefixes", "aux_k")
+              if getattr(cfg, f) != getattr(sae.cfg, f)]
+    if differ:
+        raise ValueError(f"cfg and sae.cfg differ in {', '.join(differ)}: build the SAE from this cfg")
     dev = sae.W_dec_FD.device
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     if opt_state is not None:
@@ -318,7 +336,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             x = next(it)
         except StopIteration:
             raise ValueError(f"`batches` ran out after {step} of {cfg.steps} steps") from None
-        x = x.to(dev, torch.float32)
+        x = x.to(dev, sae.W_dec_FD.dtype)
         sae.check(x)
         if step == 0:
             sae.b_dec_D.data.copy_(geometric_median(x))
@@ -433,6 +451,8 @@ def load(path, map_location="cpu"):
     obj = torch.load(path, map_location=map_location, weights_only=True)
     names = {f.name for f in fields(Config)}
     cfg = Config(**{k: v for k, v in obj.pop("config").items() if k in names})
-    sae = SAE(cfg)
-    sae.load_state_dict(obj.pop("state"))
+    state = obj.pop("state")
+    # on map_location's device and in the saved dtype: load_state_dict alone would copy into a CPU fp32 SAE
+    sae = SAE(cfg).to(state["W_dec_FD"].device, state["W_dec_FD"].dtype)
+    sae.load_state_dict(state)
     return sae.eval(), obj

@@ -1,7 +1,7 @@
 """
 C²R on a toy where splitting and absorption can be measured exactly.
 
-    python train_toy.py                  # baseline vs C²R, every SAE kind, 3 seeds, < 60 s on 2 cores
+    python train_toy.py                  # baseline vs C²R: relu, topk, batchtopk, 3 seeds, < 60 s on 2 cores
     python train_toy.py --kind topk --lam 0.1 --seeds 0 1 2 3 4
 
 The data are sums of known feature directions with known activations:
@@ -75,7 +75,7 @@ class ToyData:
         which = torch.randint(t.n_children, (B, t.n_parents), generator=g)
         kid = self.children[torch.arange(t.n_parents), which]             # [B, P] feature index
         f.scatter_(1, kid, has_child.float())
-        f[:, -t.n_indep:] = (torch.rand(B, t.n_indep, generator=g) < t.p_indep).float() if t.n_indep else 0
+        f[:, t.n_features - t.n_indep:] = (torch.rand(B, t.n_indep, generator=g) < t.p_indep).float()
         f *= t.mag_lo + (t.mag_hi - t.mag_lo) * torch.rand(B, t.n_features, generator=g)
         return f @ self.G_GD, f
 
@@ -208,6 +208,10 @@ def stability(W_a_FD, W_b_FD, alive_a=None, alive_b=None, thr=0.9):
 # -----------------------------------------------------------------------------
 # the experiment
 
+DEFAULT_LAM = dict(relu=0.1, topk=0.1, batchtopk=0.2, matryoshka=0.2)   # C²R lambda; matryoshka: BatchTopK's
+DEFAULT_L1 = 0.3
+
+
 def matryoshka_prefixes(width):
     """Nested prefixes at 1/16, 1/8, 1/4, 1/2 and all of the dictionary: Bussmann et al.'s
     groups of sizes F/16, F/16, F/8, F/4, F/2."""
@@ -288,7 +292,7 @@ def table(rows, cols=COLS, names=("kind", "lambda")):
 # in the spirit of Nabeshima's Matryoshka toy (github.com/noanabeshima/matryoshka-saes, tree.json):
 # 3 parents (p=0.15), each with 3 mutually exclusive children (p=0.2 each given the parent, so
 # 0.6 for some child), 8 independent features (p=0.05), binary magnitudes, 20 orthogonal directions
-# in 20 dimensions. Its SAE: 40 latents, k=2 (the toy has 1.1 active features per sample, ours 1.8).
+# in 20 dimensions. Its SAE: 40 latents, k=2 (the toy has 1.1 active features per sample, ours 3.4).
 NABESHIMA = Toy(d_model=20, n_parents=3, n_children=3, n_indep=8, p_parent=0.15, p_child=0.6,
                 p_indep=0.05, mag_lo=1.0, mag_hi=1.0)
 NABESHIMA_SAE = dict(width=40, k=2)
@@ -427,10 +431,6 @@ def main(argv=None):
     print(f"{len(args.seeds)} seeds, {args.jobs} jobs, {time.time() - t0:.1f} s")
     return rows
 
-
-DEFAULT_LAM = dict(relu=0.1, topk=0.1, batchtopk=0.2)
-DEFAULT_L1 = 0.3
-DEFAULT_LAM.setdefault("matryoshka", DEFAULT_LAM["batchtopk"])
 
 if __name__ == "__main__":
     main()

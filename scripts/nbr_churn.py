@@ -83,5 +83,6 @@ def main():
                 cells.append(f"{v.mean():6.2f} ± {v.std():5.2f}")
             print(f"{f'{lo}-{hi}':>12} " + " ".join(f"{c:>15}" for c in cells))
 
+
 if __name__ == "__main__":
     main()

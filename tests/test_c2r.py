@@ -1,5 +1,6 @@
 """c2r.py against naive references: the loss, its gradients, the SAE kinds, training, checkpoints."""
 
+import dataclasses
 import math
 
 import pytest
@@ -196,7 +197,7 @@ def test_training_keeps_unit_decoder_and_learns(kind):
     assert not sae.training
     assert log[-1]["step"] == 59 and set(log[0]) >= {"loss", "fvu", "l0", "c2r", "dead"}
     assert c2r.fvu(x, sae(x)[0]).item() < before
-    if kind == "batchtopk":
+    if kind in ("batchtopk", "matryoshka"):
         assert sae.threshold > 0
 
 
@@ -241,6 +242,20 @@ def test_bad_config():
         c2r.Config(c2r_lambda=-1.0)
     with pytest.raises(ValueError, match="kind"):
         c2r.Config(kind="gated")
+    for bad, what in [(dict(warmup=-0.1), "warmup"), (dict(decay=1.5), "decay"), (dict(c2r_warmup=2.0), "c2r_warmup"),
+                      (dict(warmup=0.6, decay=0.5), "warmup \\+ decay"), (dict(log_every=0), "log_every"),
+                      (dict(thr_momentum=1.5), "thr_momentum"), (dict(aux_k=-1), "aux_k")]:
+        with pytest.raises(ValueError, match=what):
+            c2r.Config(**bad)
+
+
+def test_train_refuses_a_cfg_for_another_sae():
+    """train(sae, batches, cfg) may change the optimisation, not the SAE: a cfg of another kind
+    used to train a topk SAE through the relu branch (L1, dense codes) without a word."""
+    with pytest.raises(ValueError, match="kind, k"):
+        c2r.train(make("topk"), batches(), c2r.Config(d_model=8, n_latents=64, kind="relu", k=5), progress=False)
+    sae, log = c2r.train(make("topk"), batches(), dataclasses.replace(make("topk").cfg, steps=4), progress=False)
+    assert log[-1]["step"] == 3
 
 
 def test_bad_batches():
@@ -268,6 +283,30 @@ def test_checkpoint_roundtrip(tmp_path):
     assert extra == {"step": 10} and sae2.cfg == sae.cfg
     x = torch.randn(7, 8)
     assert torch.equal(sae.encode(x), sae2.encode(x)) and torch.equal(sae(x)[0], sae2(x)[0])
+    for name, v in sae.state_dict().items():     # the statistics too: threshold, dead-latent counters
+        assert torch.equal(sae2.state_dict()[name], v), name
+
+
+def test_checkpoint_keeps_dtype(tmp_path):
+    """load() used to copy every checkpoint into a new fp32 SAE (and onto the CPU whatever
+    map_location said): a float64 SAE came back float32."""
+    sae = make("topk").double()
+    c2r.save(sae, tmp_path / "sae.pt")
+    back, _ = c2r.load(tmp_path / "sae.pt")
+    assert back.W_dec_FD.dtype == torch.float64 and back.tokens_since_fired.dtype == torch.long
+    for name, v in sae.state_dict().items():
+        assert torch.equal(back.state_dict()[name], v), name
+
+
+def test_train_in_the_sae_dtype():
+    """Batches are cast to the SAE's dtype: a bf16 SAE used to fail on an fp32 x bf16 matmul,
+    and a float64 SAE saw its batches rounded to fp32."""
+    for kind in ("relu", "batchtopk"):
+        sae, log = c2r.train(make(kind, c2r_lambda=1.0, steps=3).to(torch.bfloat16), batches(), progress=False)
+        assert sae.W_dec_FD.dtype == torch.bfloat16 and math.isfinite(log[-1]["loss"])
+    x = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 3
+    sae, _ = c2r.train(make("topk", steps=1, lr=1e-12).double(), iter([x]), progress=False)
+    torch.testing.assert_close(sae.b_dec_D.data, c2r.geometric_median(x), atol=1e-10, rtol=0)
 
 
 def test_metrics_by_hand():
@@ -298,3 +337,16 @@ def test_resume_between_neighbour_refreshes_is_exact(tmp_path):
     sae, _ = c2r.train(sae, iter(data[4:]), progress=False, start=4, opt_state=extra["opt"])
     for (name, a), b in zip(full.state_dict().items(), sae.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("steps", [10, 30, 37, 1000])
+def test_lr_schedule_never_above_lr(steps):
+    """Warmup of a fraction of steps that is not a whole number of steps (0.05 * 30 = 1.5)
+    used to overshoot: lr_at(1) was 2 / 1.5 = 1.33 lr."""
+    cfg = c2r.Config(steps=steps, lr=1.0)
+    lrs = [c2r.lr_at(s, cfg) for s in range(steps)]
+    assert max(lrs) == 1.0 and min(lrs) > 0
+    assert all(a <= b for a, b in zip(lrs, lrs[1:steps // 2]))                      # warmup: non-decreasing
+    assert all(a >= b for a, b in zip(lrs[steps // 2:], lrs[steps // 2 + 1:]))     # decay: non-increasing
+    flat = c2r.Config(steps=steps, lr=1.0, warmup=0.0, decay=0.0)                  # no division by 0
+    assert [c2r.lr_at(s, flat) for s in range(steps)] == [1.0] * steps

@@ -36,6 +36,16 @@ def test_generator(data, sample):
     torch.testing.assert_close(data.G_GD @ data.G_GD.T, torch.eye(t.n_features), atol=1e-5, rtol=0)
 
 
+def test_toy_without_independent_features():
+    """n_indep=0 used to zero every feature: f[:, -0:] is all of f, not none of it."""
+    toy = tt.Toy(n_indep=0)
+    x, f = tt.ToyData(toy).sample(2000, torch.Generator().manual_seed(0))
+    assert f.shape == (2000, toy.n_features)
+    assert (f[:, :toy.n_parents] > 0).float().mean().item() == pytest.approx(toy.p_parent, abs=0.03)
+    kids = f[:, toy.n_parents:].view(-1, toy.n_parents, toy.n_children)
+    assert (kids > 0).any(2).float().mean().item() == pytest.approx(toy.p_parent * toy.p_child, abs=0.03)
+
+
 def test_true_dictionary_scores_perfectly(data, sample):
     _, f = sample
     full, part = tt.absorption(data, data.G_GD, f, f)
