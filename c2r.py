@@ -14,9 +14,7 @@ W_dec is stored as [n_latents, d_model] (after EleutherAI/sparsify), so a latent
 Jin, Wang, Ren, Xie, Lian, "Cross-sample Consistency Regularization for SAEs", ICML 2026.
 """
 
-import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -431,19 +429,24 @@ def dead_fraction(acts_NF):
     return ((acts_NF != 0).sum(0) == 0).float().mean()
 
 
-def save(sae, path, **extra):
-    """Write atomically (temp file + rename), so a crash never leaves half a checkpoint.
-    Only tensors and plain Python values: loads with torch.load(weights_only=True)."""
-    obj = dict(config=asdict(sae.cfg), state=sae.state_dict(), **extra)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+def atomic_write(path, write):
+    """write(tmp), then rename tmp onto path: a crash never leaves half a file behind. The temp
+    file sits beside path, on the same filesystem, which is what makes os.replace atomic."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def save(sae, path, **extra):
+    """Write atomically. Only tensors and plain Python values, so the checkpoint loads with
+    torch.load(weights_only=True): no pickled code runs when someone opens it."""
+    obj = dict(config=asdict(sae.cfg), state=sae.state_dict(), **extra)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path, map_location="cpu"):

@@ -23,10 +23,10 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -501,18 +501,6 @@ def fold(sae, scale):
     return out.eval()
 
 
-def atomic_write(path, write):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_saelens(sae, folder, run):
     """cfg.json + sae_weights.safetensors as SAELens (v6) reads them. BatchTopK is saved as
     JumpReLU with our inference threshold on every latent (what SAELens does itself)."""
@@ -530,8 +518,8 @@ def save_saelens(sae, folder, run):
     sl = dict(architecture=arch, d_in=cfg.d_model, d_sae=cfg.n_latents, dtype="float32", device="cpu",
               apply_b_dec_to_input=True, normalize_activations="none", reshape_activations="none",
               metadata=meta, **({"k": cfg.k} if arch == "topk" else {}), **meta)
-    atomic_write(os.path.join(folder, "sae_weights.safetensors"), lambda p: save_file(w, p))
-    atomic_write(os.path.join(folder, "cfg.json"), lambda p: open(p, "w").write(json.dumps(sl, indent=2)))
+    c2r.atomic_write(os.path.join(folder, "sae_weights.safetensors"), lambda p: save_file(w, p))
+    c2r.atomic_write(os.path.join(folder, "cfg.json"), lambda p: Path(p).write_text(json.dumps(sl, indent=2)))
 
 
 # -----------------------------------------------------------------------------
@@ -650,7 +638,7 @@ def run(args):
         cfg = c2r.Config(d_model=D, n_latents=args.n_latents, kind=args.kind, k=args.k, l1_coeff=args.l1_coeff,
                          c2r_lambda=lam, c2r_alpha=args.alpha, nbr_every=args.nbr_every, steps=steps, lr=args.lr,
                          log_every=max(1, steps // 20), seed=seed)
-        ck, final = os.path.join(args.out, f"{name}.ckpt.pt"), os.path.join(args.out, f"{name}.pt")
+        ck = os.path.join(args.out, f"{name}.ckpt.pt")
         sae, start, opt_state, log = c2r.SAE(cfg).to(dev), 0, None, []
         if args.resume and os.path.exists(ck):
             old, extra = c2r.load(ck, map_location=dev)
@@ -738,8 +726,8 @@ def run(args):
         save_saelens(raw, os.path.join(args.out, f"{name}_saelens"), run_info)
     results["timing"] = dict(total_s=time.time() - t_start, eval_s=eval_s, **timing,
                              peak_gpu_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None)
-    atomic_write(os.path.join(args.out, "results.json"),
-                 lambda p: open(p, "w").write(json.dumps(results, indent=2)))
+    c2r.atomic_write(os.path.join(args.out, "results.json"),
+                     lambda p: Path(p).write_text(json.dumps(results, indent=2)))
     print(table(results))
     return results, saes
 

@@ -5,7 +5,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from train_toy import assign, stability
 
