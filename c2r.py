@@ -40,18 +40,34 @@ def nearest_neighbours(W_dec_FD, block=2048):
     """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary.
 
     Exact, but computed block by block so memory is O(block * F): the F x F cosine
-    matrix never exists (65,536 latents in fp32 would need 16 GiB for it)."""
+    matrix never exists (65,536 latents in fp32 would need 16 GiB for it). The matrix is
+    symmetric, so a block of rows meets only itself and the rows after it: its row maxima
+    are its own candidates, its column maxima the later rows' candidates from this block.
+    That is half the flops of multiplying every block with the whole dictionary."""
     n = W_dec_FD.shape[0]
     if n < 2:
         raise ValueError(f"C²R needs at least 2 latents to find neighbours, got n_latents={n}")
     W = F.normalize(W_dec_FD.detach(), dim=1)
-    nbr_F = torch.empty(n, dtype=torch.long, device=W.device)
+    best_F = torch.full((n,), -float("inf"), dtype=torch.promote_types(W.dtype, torch.float32), device=W.device)
+    nbr_F = torch.zeros(n, dtype=torch.long, device=W.device)
+
+    def offer(lo, cos_N, j_N):   # rows lo.. meet candidates j_N; strict >: the lowest j wins ties, as argmax
+        hi = lo + len(cos_N)
+        cos_N = cos_N.to(best_F.dtype)
+        better = cos_N > best_F[lo:hi]
+        best_F[lo:hi] = torch.where(better, cos_N, best_F[lo:hi])
+        nbr_F[lo:hi] = torch.where(better, j_N, nbr_F[lo:hi])
+
     for s in range(0, n, block):
         e = min(s + block, n)
-        cos = W[s:e] @ W.T                                   # [block, F]
+        cos = W[s:e] @ W[s:].T                               # [block, F - s]
         rows = torch.arange(e - s, device=W.device)
-        cos[rows, rows + s] = -float("inf")                  # not your own neighbour
-        nbr_F[s:e] = cos.argmax(dim=1)
+        cos[rows, rows] = -float("inf")                      # not your own neighbour
+        v, j = cos.max(dim=1)
+        offer(s, v, j + s)
+        if e < n:
+            v, i = cos[:, e - s:].max(dim=0)
+            offer(e, v, i + s)
     return nbr_F
 
 

@@ -65,6 +65,17 @@ def test_neighbours_exact_across_blocks():
         assert torch.equal(c2r.nearest_neighbours(W, block=block), cos.argmax(1))
 
 
+def test_neighbours_ties_go_to_the_lowest_index():
+    """Rows of +-1/2 in 4 dims: unit norm and every cosine exact, with only 16 distinct rows, so
+    most rows have exact ties. The symmetric blocked search must pick what argmax picks."""
+    W = (torch.randint(0, 2, (40, 4), generator=torch.Generator().manual_seed(0)) - 0.5).double()
+    cos = W @ W.T
+    cos.fill_diagonal_(-float("inf"))
+    assert (cos == cos.max(1, keepdim=True).values).sum(1).gt(1).any()      # the case has ties
+    for block in (1, 3, 7, 40):
+        assert torch.equal(c2r.nearest_neighbours(W, block=block), cos.argmax(1))
+
+
 def test_loss_zero_for_orthogonal_decoder():
     W = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))[0]      # orthonormal rows
     acts = torch.rand(32, 12, dtype=torch.float64)
