@@ -299,6 +299,8 @@ def ramp(step, frac, steps):
 def aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F):
     """AuxK (Gao et al. 2024): the top aux_k *dead* latents must model the residual the live
     ones leave, which gives dead latents a gradient that pulls them back towards the data."""
+    # The one place train() waits for the GPU each step: with no dead latent, skipping AuxK's
+    # top-k over the whole [B, F] pre-activations saves more than the wait costs.
     n_dead = int(dead_F.sum())
     if n_dead == 0:
         return x_BD.new_zeros(())
@@ -338,11 +340,18 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     if differ:
         raise ValueError(f"cfg and sae.cfg differ in {', '.join(differ)}: build the SAE from this cfg")
     dev = sae.W_dec_FD.device
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    # fused: one kernel for the whole update on the GPU (as nanoGPT); the CPU keeps the default
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=dev.type == "cuda")
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     it = iter(batches)
     log = []
+    # The loop waits for the GPU only at log steps (and in aux_loss): no .item(), no `if tensor`,
+    # no boolean indexing, so the CPU can queue the next step while the GPU runs this one.
+    # A non-finite loss is therefore recorded on the device, and checked at the log steps.
+    bad_loss = torch.zeros((), dtype=torch.bool, device=dev)
+    bad_batch = torch.zeros((), dtype=torch.bool, device=dev)
+    checked = start
     sae.train()
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     for step in pbar:
@@ -386,10 +395,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 sae.nbr_F.copy_(nearest_neighbours(sae.W_dec_FD))
             c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, cfg.c2r_alpha)
             loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
-        if not torch.isfinite(loss):
-            what = "the input batch contains NaN or inf" if not torch.isfinite(x).all() else \
-                   "the SAE's weights or activations overflowed (try a lower lr or c2r_lambda)"
-            raise FloatingPointError(f"non-finite loss at step {step}: {what}")
+        bad_loss |= ~torch.isfinite(loss)
+        bad_batch |= ~torch.isfinite(x).all()
 
         # ---- the update: keep decoder rows on the unit sphere exactly
         opt.zero_grad(set_to_none=True)
@@ -404,14 +411,18 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
 
         # ---- statistics, here and nowhere else
         with torch.no_grad():
-            fired = a_F > 0
-            sae.tokens_since_fired += x.shape[0]
-            sae.tokens_since_fired[fired] = 0
+            sae.tokens_since_fired.add_(x.shape[0]).masked_fill_(a_F > 0, 0)
             if cfg.kind in ("batchtopk", "matryoshka"):   # EMA of the smallest code kept by BatchTopK
-                lo = acts[acts > 0].min() if fired.any() else sae.threshold
+                lo = acts.masked_fill(acts <= 0, float("inf")).min()      # inf: nothing fired, keep it
                 m = cfg.thr_momentum
-                sae.threshold.copy_(torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo))
+                ema = torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo)
+                sae.threshold.copy_(torch.where(lo.isinf(), sae.threshold, ema))
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            if bad_loss:    # the weights are NaN from here on: stop now, and say why
+                what = "an input batch contained NaN or inf" if bad_batch else \
+                       "the SAE's weights or activations overflowed (try a lower lr or c2r_lambda)"
+                raise FloatingPointError(f"non-finite loss between steps {checked} and {step}: {what}")
+            checked = step + 1
             with torch.no_grad():
                 if c2r is None:
                     c2r = c2r_penalty(a_F, sae.W_dec_FD, nearest_neighbours(sae.W_dec_FD), cfg.c2r_alpha)
@@ -461,6 +472,9 @@ def atomic_write(path, write):
 def save(sae, path, **extra):
     """Write atomically. Only tensors and plain Python values, so the checkpoint loads with
     torch.load(weights_only=True): no pickled code runs when someone opens it."""
+    bad = [k for k, v in sae.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:     # train() checks the loss only at log steps: never let a NaN SAE overwrite a good file
+        raise FloatingPointError(f"refusing to save an SAE whose {', '.join(bad)} contain NaN or inf")
     obj = dict(config=asdict(sae.cfg), state=sae.state_dict(), **extra)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

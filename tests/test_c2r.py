@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -282,6 +283,57 @@ def test_bad_batches():
         c2r.train(make("relu"), iter([x]), progress=False)
     with pytest.raises(ValueError, match="ran out"):
         c2r.train(make("topk", steps=5), iter([torch.randn(4, 8)]), progress=False)
+
+
+def test_nan_mid_run_stops_at_the_next_log_step_and_is_never_saved(tmp_path):
+    """train() records a non-finite loss on the device and checks it at log steps (so the GPU is
+    never waited for in between): a NaN batch at step 7 stops the run at step 10 (log_every=5)
+    with the steps and the cause; a checkpoint written in between refuses the NaN SAE."""
+    xs = [x for x, _ in zip(batches(), range(20))]
+    xs[7] = xs[7].clone()
+    xs[7][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"between steps 6 and 10: an input batch contained NaN"):
+        c2r.train(make("batchtopk"), xs, progress=False)
+
+    path = tmp_path / "sae.pt"
+    sae = make("batchtopk")
+    with pytest.raises(FloatingPointError, match="refusing to save an SAE whose W_dec_FD"):
+        c2r.train(sae, xs, progress=False, on_step=lambda step, opt, log: c2r.save(sae, path, step=step))
+    assert c2r.load(path)[1]["step"] == 6             # the last good one stays
+    assert [p.name for p in tmp_path.iterdir()] == ["sae.pt"]
+
+    sae = make("topk")          # a finite batch but weights that overflow: the other message
+    sae.W_enc_DF.data[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        c2r.train(sae, batches(), progress=False)
+
+
+@pytest.mark.parametrize("kind,per_step", [("relu", 0), ("batchtopk", 1)])
+def test_no_gpu_sync_between_log_steps(kind, per_step, monkeypatch):
+    """Between log steps c2r.py never reads a tensor's value on the host (.item(), bool(), int(),
+    float()), which on a GPU would make the CPU wait instead of queueing the next step; the one
+    exception is AuxK's dead count (aux_loss). Counted by wrapping those methods. (Adam's .item()
+    calls read its step counter, a CPU tensor: no wait, and not counted.)"""
+    calls = []
+    for name in ("item", "__bool__", "__int__", "__float__"):
+        def wrap(t, _orig=getattr(torch.Tensor, name)):
+            if sys._getframe(1).f_code.co_filename == c2r.__file__:
+                calls.append(t)
+            return _orig(t)
+        monkeypatch.setattr(torch.Tensor, name, wrap)
+    per = {}
+    on_step = lambda step, opt, log: per.setdefault(step, len(calls))
+    c2r.train(make(kind, c2r_lambda=1.0, nbr_every=3, steps=12, log_every=100), batches(), progress=False,
+              on_step=on_step)
+    assert [per[s] - per[s - 1] for s in range(2, 11)] == [per_step] * 9
+
+
+def test_batchtopk_threshold_kept_when_nothing_fires():
+    sae = make("batchtopk", steps=3, log_every=1)
+    sae.threshold.fill_(0.25)
+    sae.b_enc_F.data.fill_(-1e4)                      # every pre-activation negative: no code > 0
+    c2r.train(sae, batches(), progress=False, start=1)
+    assert sae.threshold.item() == 0.25
 
 
 def test_checkpoint_roundtrip(tmp_path):
