@@ -312,17 +312,16 @@ def aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F):
     return (e_hat_BD - e_BD).pow(2).sum(-1).mean() / e_BD.pow(2).sum(-1).mean().clamp(min=1e-12)
 
 
-def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N):
+def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, prefixes=None):
     """Matryoshka (Bussmann et al. 2025): the reconstruction loss of each nested sub-SAE, which
-    must rebuild x from latents [0:m] alone -> [len(prefixes)]. A parent folded into its child's
-    latent is then an error for every prefix that holds the parent's latent but not the child's.
-    Takes the sparse codes of SAE.sparse_codes (a mask keeps their rows ascending)."""
-    losses = []
-    for m in sae.cfg.prefixes:
-        keep = cols_N < m
-        x_hat_BD = sae.decode_sparse(vals_N[keep], rows_N[keep], cols_N[keep], x_BD.shape[0])
-        losses.append((x_hat_BD - x_BD).pow(2).sum(-1).mean())
-    return torch.stack(losses)
+    must rebuild x from latents [0:m] alone -> [len(prefixes)] (default sae.cfg.prefixes). A parent
+    folded into its child's latent is then an error for every prefix that holds the parent's
+    latent but not the child's. Takes the sparse codes of SAE.sparse_codes; the codes outside a
+    prefix get weight 0 rather than being dropped (dropping them is a boolean index: a GPU sync)."""
+    prefixes = sae.cfg.prefixes if prefixes is None else prefixes
+    return x_BD.new_zeros(0) if not prefixes else torch.stack([
+        (sae.decode_sparse(vals_N * (cols_N < m), rows_N, cols_N, x_BD.shape[0]) - x_BD).pow(2).sum(-1).mean()
+        for m in prefixes])
 
 
 def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
@@ -380,8 +379,9 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
         recon = (x_hat - x).pow(2).sum(-1).mean()
         if cfg.kind == "matryoshka":
             # the mean over the nested prefixes, as the reference code does; the paper writes a sum,
-            # the same up to a constant factor (the number of prefixes). The last prefix is `recon`.
-            recon = prefix_losses(sae, x, acts, rows, cols).mean()
+            # the same up to a constant factor (the number of prefixes). The last prefix, the whole
+            # dictionary, is `recon`, already decoded.
+            recon = torch.cat([prefix_losses(sae, x, acts, rows, cols, cfg.prefixes[:-1]), recon[None]]).mean()
         loss = recon
         if cfg.kind == "relu":
             l1 = (acts * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()

@@ -308,8 +308,9 @@ def test_nan_mid_run_stops_at_the_next_log_step_and_is_never_saved(tmp_path):
         c2r.train(sae, batches(), progress=False)
 
 
-@pytest.mark.parametrize("kind,per_step", [("relu", 0), ("batchtopk", 1)])
-def test_no_gpu_sync_between_log_steps(kind, per_step, monkeypatch):
+@pytest.mark.parametrize("kind,per_step,kw", [("relu", 0, {}), ("batchtopk", 1, {}),
+                                             ("matryoshka", 1, dict(prefixes=(8, 24)))])
+def test_no_gpu_sync_between_log_steps(kind, per_step, kw, monkeypatch):
     """Between log steps c2r.py never reads a tensor's value on the host (.item(), bool(), int(),
     float()), which on a GPU would make the CPU wait instead of queueing the next step; the one
     exception is AuxK's dead count (aux_loss). Counted by wrapping those methods. (Adam's .item()
@@ -323,7 +324,7 @@ def test_no_gpu_sync_between_log_steps(kind, per_step, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, wrap)
     per = {}
     on_step = lambda step, opt, log: per.setdefault(step, len(calls))
-    c2r.train(make(kind, c2r_lambda=1.0, nbr_every=3, steps=12, log_every=100), batches(), progress=False,
+    c2r.train(make(kind, c2r_lambda=1.0, nbr_every=3, steps=12, log_every=100, **kw), batches(), progress=False,
               on_step=on_step)
     assert [per[s] - per[s - 1] for s in range(2, 11)] == [per_step] * 9
 
