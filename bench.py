@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -78,16 +77,19 @@ def chunked_c2r(acts_BF, W_dec_FD, alpha, chunk=8192):
 
 def dense_train(sae, batches, cfg, chunked):
     """The straightforward step: sae(x) (dense codes, dense decode), autograd through it all;
-    the same Adam, decoder-gradient projection, clipping and renormalisation as c2r.train."""
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    the same Adam, bf16 autocast, decoder-gradient projection, clipping and renormalisation as
+    c2r.train."""
+    dev = sae.W_dec_FD.device
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=dev.type == "cuda")
     sae.train()
     for step, x in enumerate(itertools.islice(batches, cfg.steps)):
         if step == 0:
             sae.b_dec_D.data.copy_(c2r.geometric_median(x))
-        x_hat, acts, _ = sae(x)
-        loss = (x_hat.float() - x).pow(2).sum(-1).mean()
-        if chunked:
-            loss = loss + cfg.c2r_lambda * chunked_c2r(acts, sae.W_dec_FD, cfg.c2r_alpha)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            x_hat, acts, _ = sae(x)
+            loss = (x_hat.float() - x).pow(2).sum(-1).mean()
+            if chunked:
+                loss = loss + cfg.c2r_lambda * chunked_c2r(acts, sae.W_dec_FD, cfg.c2r_alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -114,10 +116,6 @@ def peak_memory(dev, rss0):
     return maxrss_mib() - rss0
 
 
-def autocast(a):
-    return torch.autocast(a.device, dtype=torch.bfloat16) if a.amp == "bf16" else nullcontext()
-
-
 def step_row(a, row, n_latents):
     """One row of the step table, run in this (fresh) process."""
     dev = torch.device(a.device)
@@ -127,7 +125,7 @@ def step_row(a, row, n_latents):
     P = 5 if a.profile else 0                     # profiled steps, after the timed ones
     cfg = c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k,
                      c2r_lambda=a.lam if "C²R" in row else 0.0, c2r_alpha=1.0, nbr_every=R,
-                     steps=W + N + P + 1, warmup=0.0, decay=0.0, log_every=10**9, seed=0)
+                     steps=W + N + P + 1, warmup=0.0, decay=0.0, log_every=10**9, seed=0, bf16=a.amp == "bf16")
     sae = c2r.SAE(cfg).to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
     xs = [torch.randn(a.batch, a.d_model, device=dev, generator=g) for _ in range(4)]
@@ -137,11 +135,10 @@ def step_row(a, row, n_latents):
         prof = torch.profiler.profile(activities=acts)
     batches = timed(itertools.cycle(xs), stamps, dev, prof, range(W + N, W + N + P))
     rss0 = start_memory(dev)
-    with autocast(a):
-        if row.startswith("ours"):
-            c2r.train(sae, batches, progress=False)
-        else:
-            dense_train(sae, batches, cfg, chunked="C²R" in row)
+    if row.startswith("ours"):
+        c2r.train(sae, batches, progress=False)
+    else:
+        dense_train(sae, batches, cfg, chunked="C²R" in row)
     sync(dev)
     ms = [1e3 * (t1 - t0) for t0, t1 in zip(stamps[W:W + N], stamps[W + 1:W + N + 1])]
     if prof is not None:

@@ -148,6 +148,7 @@ class Config:
     decay: float = 0.2           # fraction of steps, at the end, of linear LR decay to 0
     l1_warmup: float = 0.05      # relu only: fraction of steps over which l1_coeff ramps up
     clip_grad: float = 1.0
+    bf16: bool = False           # the forward and the loss under bf16 autocast (weights, grads, Adam: fp32)
     thr_momentum: float = 0.99   # batchtopk: EMA of the inference threshold
     log_every: int = 50
     seed: int = 0
@@ -339,6 +340,11 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     if differ:
         raise ValueError(f"cfg and sae.cfg differ in {', '.join(differ)}: build the SAE from this cfg")
     dev = sae.W_dec_FD.device
+    if torch.is_autocast_enabled(dev.type):
+        # autocast caches its bf16 copy of each weight until the context exits: around the whole
+        # loop, every step would run the forward with the weights of step 0
+        raise ValueError("do not call train() inside torch.autocast (it would keep the bf16 weights of "
+                         "the first step for the whole run): set Config.bf16=True instead")
     # fused: one kernel for the whole update on the GPU (as nanoGPT); the CPU keeps the default
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=dev.type == "cuda")
     if opt_state is not None:
@@ -367,34 +373,36 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
 
         # ---- the loss. The TopK kinds keep their codes sparse: decode, the C²R norms a_F and
         # the statistics below then touch the k*B kept values, never a dense [B, F] matrix.
-        pre = sae.pre_acts(x)
-        if cfg.kind == "relu":
-            acts = sae.activate(pre)                   # dense codes [B, F]
-            x_hat = sae.decode(acts)
-            a_F = torch.linalg.vector_norm(acts, dim=0)   # its gradient is 0 (not NaN) at a = 0
-        else:
-            acts, rows, cols = sae.sparse_codes(pre)   # acts: the k*B kept values only
-            x_hat = sae.decode_sparse(acts, rows, cols, x.shape[0])
-            a_F = code_norms(acts, cols, cfg.n_latents)
-        recon = (x_hat - x).pow(2).sum(-1).mean()
-        if cfg.kind == "matryoshka":
-            # the mean over the nested prefixes, as the reference code does; the paper writes a sum,
-            # the same up to a constant factor (the number of prefixes). The last prefix, the whole
-            # dictionary, is `recon`, already decoded.
-            recon = torch.cat([prefix_losses(sae, x, acts, rows, cols, cfg.prefixes[:-1]), recon[None]]).mean()
-        loss = recon
-        if cfg.kind == "relu":
-            l1 = (acts * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
-            loss = loss + cfg.l1_coeff * ramp(step, cfg.l1_warmup, cfg.steps) * l1
-        else:
-            dead = sae.tokens_since_fired > cfg.dead_tokens
-            loss = loss + cfg.aux_coeff * aux_loss(sae, x, x_hat, pre, dead)
-        c2r = None
-        if cfg.c2r_lambda > 0:
-            if step % cfg.nbr_every == 0 or (step == start and sae.nbr_F[0] < 0):
-                sae.nbr_F.copy_(nearest_neighbours(sae.W_dec_FD))
-            c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, cfg.c2r_alpha)
-            loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
+        # (bf16: a fresh autocast each step, exited before backward, as autocast wants)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            pre = sae.pre_acts(x)
+            if cfg.kind == "relu":
+                acts = sae.activate(pre)                   # dense codes [B, F]
+                x_hat = sae.decode(acts)
+                a_F = torch.linalg.vector_norm(acts, dim=0)   # its gradient is 0 (not NaN) at a = 0
+            else:
+                acts, rows, cols = sae.sparse_codes(pre)   # acts: the k*B kept values only
+                x_hat = sae.decode_sparse(acts, rows, cols, x.shape[0])
+                a_F = code_norms(acts, cols, cfg.n_latents)
+            recon = (x_hat - x).pow(2).sum(-1).mean()
+            if cfg.kind == "matryoshka":
+                # the mean over the nested prefixes, as the reference code does; the paper writes a sum,
+                # the same up to a constant factor (the number of prefixes). The last prefix, the whole
+                # dictionary, is `recon`, already decoded.
+                recon = torch.cat([prefix_losses(sae, x, acts, rows, cols, cfg.prefixes[:-1]), recon[None]]).mean()
+            loss = recon
+            if cfg.kind == "relu":
+                l1 = (acts * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
+                loss = loss + cfg.l1_coeff * ramp(step, cfg.l1_warmup, cfg.steps) * l1
+            else:
+                dead = sae.tokens_since_fired > cfg.dead_tokens
+                loss = loss + cfg.aux_coeff * aux_loss(sae, x, x_hat, pre, dead)
+            c2r = None
+            if cfg.c2r_lambda > 0:
+                if step % cfg.nbr_every == 0 or (step == start and sae.nbr_F[0] < 0):
+                    sae.nbr_F.copy_(nearest_neighbours(sae.W_dec_FD))
+                c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, cfg.c2r_alpha)
+                loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         bad_loss |= ~torch.isfinite(loss)
         bad_batch |= ~torch.isfinite(x).all()
 

@@ -538,7 +538,8 @@ def parse_args(argv=None):
     m.add_argument("--tokenizer", default=None, help="tokenizer name/directory, if not --model's")
     m.add_argument("--random-init", action="store_true", help="same architecture, random weights (speed runs)")
     m.add_argument("--layer", type=int, default=8, help="read the residual stream after this block")
-    m.add_argument("--no-bf16", dest="bf16", action="store_false", help="run the model in fp32 (bf16 autocast is on CUDA only)")
+    m.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="run the model and the SAE step in fp32 (TF32 matmuls); bf16 autocast is on CUDA only")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="Skylion007/openwebtext",
                    help="a .txt file or folder of them, a Hugging Face dataset (streamed; needs `datasets`), "
@@ -583,7 +584,7 @@ def run(args):
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True      # SAE matmuls: TF32, fp32 master weights
+        torch.backends.cuda.matmul.allow_tf32 = True      # fp32 matmuls (--no-bf16, the eval's SAE): TF32
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" and args.bf16 \
         else nullcontext
     os.makedirs(args.out, exist_ok=True)
@@ -637,7 +638,7 @@ def run(args):
     for name, lam, seed in jobs:
         cfg = c2r.Config(d_model=D, n_latents=args.n_latents, kind=args.kind, k=args.k, l1_coeff=args.l1_coeff,
                          c2r_lambda=lam, c2r_alpha=args.alpha, nbr_every=args.nbr_every, steps=steps, lr=args.lr,
-                         log_every=max(1, steps // 20), seed=seed)
+                         log_every=max(1, steps // 20), seed=seed, bf16=dev.type == "cuda" and args.bf16)
         ck = os.path.join(args.out, f"{name}.ckpt.pt")
         sae, start, opt_state, log = c2r.SAE(cfg).to(dev), 0, None, []
         if args.resume and os.path.exists(ck):
