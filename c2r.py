@@ -71,9 +71,13 @@ def nearest_neighbours(W_dec_FD, block=2048):
     return nbr_F
 
 
-def c2r_penalty(a_F, W_dec_FD, nbr_F, alpha=1.0):
-    """C²R from per-latent batch norms a_F and a (fixed) neighbour table nbr_F."""
-    W = F.normalize(W_dec_FD, dim=1)       # cosines, whatever the decoder's row norms
+def c2r_penalty(a_F, W_dec_FD, nbr_F, alpha=1.0, unit_rows=False):
+    """C²R from per-latent batch norms a_F and a (fixed) neighbour table nbr_F.
+
+    unit_rows=True skips the normalisation, for a decoder kept on the unit sphere whose gradient
+    loses its radial part before the step, as in train(): the same value, and after that
+    projection the same gradient (normalize's backward is that projection), at a third of the cost."""
+    W = W_dec_FD if unit_rows else F.normalize(W_dec_FD, dim=1)    # cosines, whatever the row norms
     s_F = (W * W[nbr_F]).sum(dim=1).clamp(min=0) ** 2
     x_F = a_F + a_F[nbr_F]
     if alpha != 1.0:
@@ -401,7 +405,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             if cfg.c2r_lambda > 0:
                 if step % cfg.nbr_every == 0 or (step == start and sae.nbr_F[0] < 0):
                     sae.nbr_F.copy_(nearest_neighbours(sae.W_dec_FD))
-                c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, cfg.c2r_alpha)
+                c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, cfg.c2r_alpha, unit_rows=True)
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         bad_loss |= ~torch.isfinite(loss)
         bad_batch |= ~torch.isfinite(x).all()

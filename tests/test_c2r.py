@@ -132,6 +132,24 @@ def test_gradient_finite_with_silent_latents():
         assert torch.isfinite(a.grad).all() and torch.isfinite(w.grad).all()
 
 
+def test_penalty_on_unit_rows_skips_normalize_exactly():
+    """unit_rows=True (train's call, whose decoder rows are unit and whose decoder gradient loses
+    its radial part) gives the same value, and the same gradient once that part is removed."""
+    acts, W = rand_case(n=40, seed=3)
+    W = F.normalize(W, dim=1)
+    nbr, a = c2r.nearest_neighbours(W), torch.linalg.vector_norm(acts, dim=0)
+    grads = []
+    for unit in (False, True):
+        w = W.clone().requires_grad_()
+        val = c2r.c2r_penalty(a, w, nbr, 1.0, unit_rows=unit)
+        val.backward()
+        grads.append((val.detach(), w.grad - (w.grad * W).sum(1, keepdim=True) * W, w.grad))
+    (v0, g0, raw0), (v1, g1, raw1) = grads
+    torch.testing.assert_close(v1, v0, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
+    assert (raw1 - raw0).abs().max() > 1e-3          # the raw gradients do differ: the radial part
+
+
 def test_loss_bad_input():
     acts, W = rand_case(n=10)
     with pytest.raises(ValueError, match="latents"):

@@ -39,6 +39,7 @@ def brute_c2r(acts_BF, W_dec_FD, alpha):
 def make_sae(kind, n=48, d=12, seed=0):
     cfg = c2r.Config(d_model=d, n_latents=n, kind=kind, k=3, seed=seed)
     sae = c2r.SAE(cfg).double()
+    sae.renorm_()           # unit rows in float64, as train() keeps them (the init is unit in fp32)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():   # move off the tied init, so encoder and decoder gradients differ
         sae.W_enc_DF.add_(0.3 * torch.randn(sae.W_enc_DF.shape, generator=g, dtype=torch.float64))
@@ -49,13 +50,15 @@ def make_sae(kind, n=48, d=12, seed=0):
 
 
 def losses(sae, x, alpha, dead_F, fast):
-    """recon + AuxK + C²R of one training step, by the fast path or by the plain dense one."""
+    """recon + AuxK + C²R of one training step, by the fast path (as train() computes them: sparse
+    codes, embedding_bag, code_norms, the penalty on the unit-norm rows as they are) or by the
+    plain dense one (dense codes, matmul decode, vector_norm, normalised rows, brute-force search)."""
     pre = sae.pre_acts(x)
     if fast:
         vals, rows, cols = sae.sparse_codes(pre)
         x_hat = sae.decode_sparse(vals, rows, cols, x.shape[0])
         c2r_ = c2r.c2r_penalty(c2r.code_norms(vals, cols, sae.cfg.n_latents), sae.W_dec_FD,
-                               c2r.nearest_neighbours(sae.W_dec_FD, block=7), alpha)
+                               c2r.nearest_neighbours(sae.W_dec_FD, block=7), alpha, unit_rows=True)
         aux = c2r.aux_loss(sae, x, x_hat, pre, dead_F)
     else:
         acts = sae.activate(pre)
@@ -86,8 +89,11 @@ def test_fast_loss_and_grads_equal_dense(kind, alpha):
     for a, b in zip(out[True][0], out[False][0]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert out[True][0][2] > 0 and out[True][0][1] > 0       # the terms compared are not trivially 0
+    W = sae.W_dec_FD.detach()
     for name in ("W_enc_DF", "W_dec_FD", "b_enc_F", "b_dec_D"):
         g_fast, g_dense = out[True][1][name], out[False][1][name]
+        if name == "W_dec_FD":    # what train() steps with: the part tangent to the unit sphere
+            g_fast, g_dense = (g - (g * W).sum(1, keepdim=True) * W for g in (g_fast, g_dense))
         assert torch.isfinite(g_fast).all()
         assert g_dense.abs().max() > 0, name
         torch.testing.assert_close(g_fast, g_dense, rtol=1e-9, atol=1e-12, msg=name)
