@@ -183,13 +183,15 @@ def c2r_row(a, n_latents):
     res = dict(row="c2r_loss", n_latents=n_latents, ms=clock(loss, reps))
     res["mem_mib"] = peak_memory(dev, rss0)
     res["search_ms"] = clock(lambda: c2r.nearest_neighbours(W), reps)
-    # what train() pays on the steps between two searches: the penalty from the k*B values
+    # what train() pays on the steps between two searches: the penalty from the k*B values, on
+    # unit-norm decoder rows as they are (unit_rows=True, as train() calls it)
     nbr_F, (rows, cols) = c2r.nearest_neighbours(W), acts.detach().nonzero(as_tuple=True)
     vals = acts.detach()[rows, cols].requires_grad_()
+    W_unit = F.normalize(W.detach(), dim=1).requires_grad_()
 
     def penalty():
-        vals.grad = W.grad = None
-        c2r.c2r_penalty(c2r.code_norms(vals, cols, n_latents), W, nbr_F).backward()
+        vals.grad = W_unit.grad = None
+        c2r.c2r_penalty(c2r.code_norms(vals, cols, n_latents), W_unit, nbr_F, unit_rows=True).backward()
 
     if reps > 1:
         penalty()
