@@ -484,10 +484,11 @@ def atomic_write(path, write):
 def save(sae, path, **extra):
     """Write atomically. Only tensors and plain Python values, so the checkpoint loads with
     torch.load(weights_only=True): no pickled code runs when someone opens it."""
-    bad = [k for k, v in sae.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    state = sae.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:     # train() checks the loss only at log steps: never let a NaN SAE overwrite a good file
         raise FloatingPointError(f"refusing to save an SAE whose {', '.join(bad)} contain NaN or inf")
-    obj = dict(config=asdict(sae.cfg), state=sae.state_dict(), **extra)
+    obj = dict(config=asdict(sae.cfg), state=state, **extra)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
