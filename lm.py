@@ -1,0 +1,401 @@
+"""
+The language-model side of train_gpt2.py: a model's residual stream as SAE training data.
+
+Read it top to bottom:
+  1. the model: load it, read the residual stream after block L with a forward hook, and the CE
+     loss with an SAE's reconstruction spliced in
+  2. the text: local .txt files, a Hugging Face dataset, or random tokens -> fixed-length contexts
+  3. the activations: harvest, shuffle, serve every activation once; the on-disk cache
+  4. export: an SAE trained on scaled activations, rewritten for raw ones; the SAELens layout
+"""
+
+import functools
+import itertools
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import c2r
+
+# -----------------------------------------------------------------------------
+# 1. The model
+
+
+def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0):
+    """Returns (model, tok). tok is None only when no tokenizer can be found and none is
+    needed (a --random-init run on --data random)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2Tokenizer
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"--model {name!r}: no such model directory")
+    kw = dict(gguf_file=gguf_file) if gguf_file else {}
+    try:
+        if random_init:
+            # GPT2Config() *is* GPT-2 small's architecture: no download needed for the default.
+            cfg = GPT2Config() if name == "gpt2" else AutoConfig.from_pretrained(name, **kw)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kw)
+    except Exception as e:
+        raise ValueError(f"cannot load model {name!r} ({type(e).__name__}: {str(e)[:300]})") from None
+    tok = None
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or name, **({} if tokenizer else kw))
+    except Exception as e:
+        if tokenizer and os.path.exists(os.path.join(tokenizer, "merges.txt")):
+            tok = GPT2Tokenizer.from_pretrained(tokenizer)    # bare GPT-2 BPE files: vocab.json + merges.txt
+        elif tokenizer:
+            raise ValueError(f"cannot load tokenizer {tokenizer!r} ({type(e).__name__}: {str(e)[:300]})") from None
+    if tok is not None:
+        tok.model_max_length = int(1e12)      # we cut contexts ourselves; silence the length warning
+    return model.eval(), tok
+
+
+def blocks_of(model):
+    """The transformer blocks (model.transformer.h for GPT-2, model.model.layers for Llama, ...):
+    the ModuleList with one entry per layer."""
+    n = model.config.num_hidden_layers
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+class StopForward(Exception):
+    pass
+
+
+def _hidden(out):   # blocks return a tensor or a tuple whose first entry is the hidden state
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def resid(model, blocks, layer, ids_BT, amp=nullcontext()):
+    """The residual stream after block `layer`, [B, T, D] fp32. The forward pass stops
+    there: the later blocks and the unembedding are never run."""
+    got = {}
+
+    def grab(mod, inp, out):
+        got["h"] = _hidden(out)
+        raise StopForward
+
+    h = blocks[layer].register_forward_hook(grab)
+    try:
+        with amp:
+            model(input_ids=ids_BT, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        h.remove()
+    return got["h"].float()
+
+
+@torch.no_grad()
+def ce_loss(model, blocks, layer, ids_BT, splice=None, amp=nullcontext()):
+    """Mean next-token CE loss. splice(h_NTD) -> h', if given, replaces the residual stream
+    after block `layer` at every position but the first (which the SAE never saw)."""
+    def hook(mod, inp, out):
+        h = _hidden(out)
+        new = h.clone()
+        with torch.autocast(h.device.type, enabled=False):     # the SAE runs in fp32
+            new[:, 1:] = splice(h[:, 1:].float()).to(h.dtype)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    hd = blocks[layer].register_forward_hook(hook) if splice is not None else None
+    try:
+        with amp:
+            logits = model(input_ids=ids_BT, use_cache=False).logits
+    finally:
+        if hd is not None:
+            hd.remove()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids_BT[:, 1:].flatten()).item()
+
+
+# -----------------------------------------------------------------------------
+# 2. The text: every context is a BOS token (position 0, left out of training and of the SAE's
+# splice) and ctx - 1 tokens. The order is fixed by the seed: every pass sees the same contexts.
+
+
+@functools.lru_cache(maxsize=2)
+def read_tokens(data, tok):
+    """All tokens of a .txt file or of the .txt files in a folder (sorted), documents joined
+    by the end-of-text token."""
+    if os.path.isdir(data):
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if f.endswith(".txt"))
+        if not files:
+            raise ValueError(f"--data {data!r}: the folder has no .txt files")
+    else:
+        files = [data]
+    ids = []
+    for f in files:
+        text = Path(f).read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            ids += tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    if not ids:
+        raise ValueError(f"--data {data!r}: the text is empty")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_rows(ctx, vocab_size, g):
+    """--data random, for speed runs: uniform random tokens, endless."""
+    while True:
+        yield torch.randint(vocab_size, (ctx,), generator=g)
+
+
+def text_rows(data, tok, bos, ctx, n_eval, g):
+    """Local text cut into contexts, shuffled: (held-out [n_eval, ctx], endless training rows);
+    a small corpus is repeated, in a fresh order each epoch."""
+    ids = read_tokens(data, tok)
+    n = len(ids) // (ctx - 1)
+    if n <= n_eval:
+        raise ValueError(f"--data {data!r} has {len(ids)} tokens: {n} contexts of {ctx}, but the held-out "
+                         f"evaluation alone needs {n_eval} (lower --eval-tokens or --ctx, or add text)")
+    rows_NT = torch.cat([torch.full((n, 1), bos), ids[: n * (ctx - 1)].view(n, ctx - 1)], 1)
+    rows_NT = rows_NT[torch.randperm(n, generator=g)]
+    tr = rows_NT[n_eval:]
+
+    def cycle():
+        for epoch in itertools.count():
+            yield from tr[torch.randperm(len(tr), generator=g)] if epoch else tr
+    return rows_NT[:n_eval], cycle()
+
+
+def dataset_rows(data, tok, bos, ctx):
+    """A streamed Hugging Face dataset: documents in order ('text' or pre-tokenised 'input_ids')."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data {data!r} is not a local path; to stream it as a Hugging Face dataset, "
+                         f"`pip install datasets`") from None
+    buf = []
+    for doc in datasets.load_dataset(data, split="train", streaming=True):
+        buf += doc["input_ids"] if "input_ids" in doc else \
+            tok(doc["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        while len(buf) >= ctx - 1:
+            yield torch.tensor([bos] + buf[: ctx - 1])
+            buf = buf[ctx - 1:]
+
+
+def contexts(data, tok, ctx, n_eval, vocab_size, seed=0):
+    """Returns (eval_ids [n_eval, ctx], train): train is an endless iterator of [ctx] rows."""
+    if ctx < 2:
+        raise ValueError(f"--ctx must be >= 2 (BOS + at least one token), got {ctx}")
+    g = torch.Generator().manual_seed(seed)
+    if data == "random":
+        it = random_rows(ctx, vocab_size, g)
+        return torch.stack([next(it) for _ in range(n_eval)]), it
+    if tok is None:
+        raise ValueError("no tokenizer: pass --tokenizer DIR (or use --data random)")
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if os.path.exists(data):
+        return text_rows(data, tok, bos, ctx, n_eval, g)
+    if data.startswith((".", "/", "~")) or data.endswith(".txt"):
+        raise ValueError(f"--data {data!r}: no such file or folder")
+    it = dataset_rows(data, tok, bos, ctx)
+    return torch.stack([next(it) for _ in range(n_eval)]), it
+
+
+# -----------------------------------------------------------------------------
+# 3. The activations
+
+
+def harvest(model, blocks, layer, rows, model_batch, device, amp=nullcontext()):
+    """Activations, context by context: [model_batch * (ctx - 1), D] fp32 chunks, the first
+    (BOS) position left out."""
+    while ids := list(itertools.islice(rows, model_batch)):
+        yield resid(model, blocks, layer, torch.stack(ids).to(device), amp)[:, 1:].reshape(-1, model.config.hidden_size)
+
+
+def timed(chunks, clock):
+    """The chunks, adding up into clock (a dict) the seconds and rows it took to make them."""
+    while True:
+        t0 = time.perf_counter()
+        c = next(chunks, None)
+        if c is None:
+            return
+        if c.is_cuda:
+            torch.cuda.synchronize()
+        clock["s"], clock["tokens"] = clock.get("s", 0.0) + time.perf_counter() - t0, clock.get("tokens", 0) + len(c)
+        yield c
+
+
+def rounded(chunks, dtype):
+    """Activations rounded through `dtype` (float16: what the cache stores), back as fp32."""
+    for c in chunks:
+        r = c.to(dtype)
+        if not torch.isfinite(r).all():
+            raise ValueError(f"an activation of magnitude {c.abs().max().item():.4g} overflows {dtype}: "
+                             f"use --act-dtype float32")
+        yield r.float()
+
+
+def shuffled(chunks, n_buffer, batch, gen):
+    """Random batches of `batch` rows from an iterator of [n, D] chunks.
+
+    Fills a buffer of >= n_buffer rows, shuffles it, serves every row once, refills. The rows
+    of an incomplete last batch stay for the next fill, so no activation is lost or served
+    twice; when `chunks` ends, the rest goes out as a last, smaller batch. Memory stays at one
+    buffer however many tokens are trained on."""
+    rest, n = [], 0
+    for c in itertools.chain(chunks, [None]):
+        if c is not None:
+            rest.append(c)
+            n += len(c)
+            if n < n_buffer:
+                continue
+        if n == 0:
+            return
+        buf = torch.cat(rest)
+        perm = torch.randperm(len(buf), generator=gen, device=gen.device).to(buf.device)
+        full = len(buf) // batch * batch
+        for s in range(0, full, batch):
+            yield buf[perm[s:s + batch]]
+        rest = [buf[perm[full:]]]
+        n = len(buf) - full
+        if c is None and n:
+            yield rest[0]
+
+
+def rows_needed(steps, batch, n_buffer, chunk):
+    """How many activations shuffled() pulls from chunks of `chunk` rows to serve `steps` batches:
+    what the cache must hold. It mirrors shuffled's bookkeeping, chunk by chunk."""
+    pulled = have = served = 0
+    while served < steps:
+        pulled, have = pulled + chunk, have + chunk
+        if have >= n_buffer:
+            served, have = served + have // batch, have % batch
+    return pulled
+
+
+# The cache (--cache DIR): the training activations, in stream order (before the shuffle, which
+# runs on them as on live ones), as float16 .npy shards acts_00000.npy, ... of a whole number of
+# model batches each, memory-mapped when read. float16 rather than bfloat16: 3 more bits of
+# mantissa (relative rounding 2^-11), a numpy dtype that np.load can memory-map, and its range
+# (65,504) is checked as it is written. settings.json says what the cache holds; each shard is
+# written whole under a temporary name and renamed; manifest.json (token count, shards, scale)
+# comes last, so a cache without it is incomplete whatever its shards hold, and a rerun continues
+# after the last full shard. Only training contexts enter: the held-out ones come first in the
+# seeded order and are never harvested.
+SHARD_BYTES = 2 ** 28
+
+
+def shard_path(folder, i):
+    return os.path.join(folder, f"acts_{i:05d}.npy")
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text()) if os.path.exists(path) else None
+
+
+def check_cache(folder, settings):
+    """Refuse a cache made with other settings, naming what differs."""
+    have = read_json(os.path.join(folder, "settings.json"))
+    if have is None:
+        if os.path.isdir(folder) and os.listdir(folder):
+            raise ValueError(f"--cache {folder}: not empty and no settings.json: not a cache of this script")
+        return None
+    diff = [f"{k} {have.get(k)!r} there, {v!r} here" for k, v in settings.items() if have.get(k) != v]
+    if diff:
+        raise ValueError(f"--cache {folder} holds activations made with other settings ({'; '.join(diff)}): "
+                         f"use another folder")
+    return read_json(os.path.join(folder, "manifest.json"))
+
+
+def open_cache(folder, settings, n_rows):
+    """The shards of a complete cache of >= n_rows activations, memory-mapped."""
+    man = check_cache(folder, settings)
+    if man is None:
+        raise ValueError(f"--cache {folder} is incomplete (no manifest.json): rerun with the same settings "
+                         f"to continue its harvest")
+    if man["tokens"] < n_rows:
+        raise ValueError(f"--cache {folder} holds {man['tokens']} activations, this run needs {n_rows}")
+    shards = [np.load(shard_path(folder, i), mmap_mode="r") for i in range(len(man["shards"]))]
+    bad = [i for i, (a, n) in enumerate(zip(shards, man["shards"])) if a.shape != (n, settings["d_model"])]
+    if bad:
+        raise ValueError(f"--cache {folder}: shard {shard_path(folder, bad[0])} is not the one the manifest lists")
+    return shards
+
+
+def read_cache(shards, chunk, device):
+    """The cached activations in the chunks harvest() yields (shards hold whole chunks), as fp32."""
+    for a in shards:
+        for s in range(0, len(a), chunk):
+            yield torch.from_numpy(np.array(a[s:s + chunk])).to(device).float()
+
+
+def fill_cache(folder, settings, rows, harvest_fn, n_rows, scale, say):
+    """Harvest n_rows training activations into the cache, after the full shards already there.
+    harvest_fn(rows) -> chunks already rounded to float16 (rounded() checks the range)."""
+    os.makedirs(folder, exist_ok=True)
+    if check_cache(folder, settings) is None:
+        c2r.atomic_write(os.path.join(folder, "settings.json"), lambda p: Path(p).write_text(json.dumps(settings)))
+    elif os.path.exists(os.path.join(folder, "manifest.json")):    # too short: extend it, incomplete meanwhile
+        os.unlink(os.path.join(folder, "manifest.json"))
+    per, T1 = settings["shard_rows"], settings["ctx"] - 1
+    done = 0
+    while os.path.exists(shard_path(folder, done)) and len(np.load(shard_path(folder, done), mmap_mode="r")) == per:
+        done += 1
+    if done:
+        say(f"cache {folder}: {done} full shards there, harvesting from token {done * per}")
+    chunks, sizes = harvest_fn(itertools.islice(rows, done * per // T1, None)), [per] * done
+    while sum(sizes) < n_rows:
+        got, n = [], 0
+        while n < min(per, n_rows - sum(sizes)) and (c := next(chunks, None)) is not None:
+            got.append(c.half().cpu())
+            n += len(c)
+        if not got:     # a finite dataset ran out: the cache holds what there was
+            break
+
+        def write(p, a=torch.cat(got).numpy()):
+            with open(p, "wb") as f:
+                np.save(f, a)
+        c2r.atomic_write(shard_path(folder, len(sizes)), write)
+        sizes.append(n)
+    man = dict(settings, tokens=sum(sizes), shards=sizes, scale=scale, date=time.ctime())
+    c2r.atomic_write(os.path.join(folder, "manifest.json"), lambda p: Path(p).write_text(json.dumps(man, indent=1)))
+    return man
+
+
+# -----------------------------------------------------------------------------
+# 4. Export
+
+
+def fold(sae, scale):
+    """The SAE trained on activations * scale, rewritten to act on raw activations:
+    pre(x) = (x - b_dec/s) W_enc + b_enc/s = pre'(s x) / s, and codes and reconstruction scale
+    by 1/s too. Decoder rows stay unit-norm (cosines, SAELens and C²R all read them)."""
+    out = c2r.SAE(sae.cfg).to(sae.W_dec_FD.device)
+    out.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        out.b_enc_F.div_(scale)
+        out.b_dec_D.div_(scale)
+        out.threshold.div_(scale)
+    return out.eval()
+
+
+def save_saelens(sae, folder, run):
+    """cfg.json + sae_weights.safetensors as SAELens (v6) reads them. BatchTopK is saved as
+    JumpReLU with our inference threshold on every latent (what SAELens does itself)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    cfg = sae.cfg
+    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}[cfg.kind]
+    w = {"W_enc": sae.W_enc_DF, "W_dec": sae.W_dec_FD, "b_enc": sae.b_enc_F, "b_dec": sae.b_dec_D}
+    if arch == "jumprelu":
+        w["threshold"] = sae.threshold.expand(cfg.n_latents)
+    w = {k: v.detach().float().cpu().contiguous() for k, v in w.items()}
+    meta = dict(model_name=run["model"], hook_name=f"blocks.{run['layer']}.hook_resid_post",
+                hook_layer=run["layer"], hook_head_index=None, context_size=run["ctx"], prepend_bos=True,
+                dataset_path=run["data"])
+    sl = dict(architecture=arch, d_in=cfg.d_model, d_sae=cfg.n_latents, dtype="float32", device="cpu",
+              apply_b_dec_to_input=True, normalize_activations="none", reshape_activations="none",
+              metadata=meta, **({"k": cfg.k} if arch == "topk" else {}), **meta)
+    c2r.atomic_write(os.path.join(folder, "sae_weights.safetensors"), lambda p: save_file(w, p))
+    c2r.atomic_write(os.path.join(folder, "cfg.json"), lambda p: Path(p).write_text(json.dumps(sl, indent=2)))
