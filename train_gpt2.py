@@ -94,7 +94,8 @@ COLS = [("FVU", "fvu", "{:.4f}"), ("L0", "l0", "{:.1f}"), ("dead", "dead", "{}")
         ("CE rec.", "ce_recovered", "{:.4f}"), ("C²R (last step)", "final_c2r", "{:.4g}"),
         ("absorption", ABSORPTION, "{:.4f}"), ("full abs.", "absorption.mean_full_absorption", "{:.4f}"),
         ("split", "absorption.mean_split_latents", "{:.2f}"),
-        ("absorption - baseline's [95% CI]", "vs_baseline.absorption_fraction", "{0[diff]:+.4f} [{0[ci95][0]:+.4f}, {0[ci95][1]:+.4f}]")]
+        ("absorption - baseline's [95% CI]", "vs_baseline.absorption_fraction",
+         "{0[diff]:+.4f} [{0[ci95][0]:+.4f}, {0[ci95][1]:+.4f}]")]
 
 
 def table(res):
@@ -110,7 +111,8 @@ def table(res):
                 f"{ms(g['absorption'])} |" for g in res["groups"]]
     t = res["timing"]
     out += [f"{n}: {t[n]['steps']} steps in {t[n]['wall_s']:.1f}s; activations from the {t[n]['source']} "
-            f"{t[n]['source_tok_per_s']:,.0f} tok/s, SAE training {t[n]['sae_tok_per_s']:,.0f} tok/s" for n in res["saes"]]
+            f"{t[n]['source_tok_per_s']:,.0f} tok/s, SAE training {t[n]['sae_tok_per_s']:,.0f} tok/s"
+            for n in res["saes"]]
     mem = t["peak_gpu_mem_gib"]
     out.append(f"evaluation {t['eval_s']:.1f}s; whole run {t['total_s']:.1f}s"
                + (f"; peak GPU memory {mem:.2f} GiB" if mem is not None else ""))
@@ -151,9 +153,9 @@ def plot(res, path):
 # 3. The flags. Every c2r.Config field is a flag of the same name (--n-latents, --c2r-lambda, ...),
 # with Config's type, default and documentation, but for these, which the script sets itself:
 SET_HERE = dict(d_model="the model's", steps="--tokens / --batch", log_every="steps // 20")
-NOTES = dict(seed=" Here also the token order, the shuffle and a --random-init model; a run's seed= sets the "
-                  "SAE's init alone.", bf16=" Here also the model's forward. CUDA only.",
-             prefixes=" Comma-separated. Default here: n_latents / 16, / 8, / 4, / 2.")
+NOTES = dict(seed="here also the token order, the shuffle and a --random-init model; a run's seed= sets the "
+                  "SAE's init alone", bf16="here also the model's forward; CUDA only",
+             prefixes="comma-separated; default here: n_latents / 16, / 8, / 4, / 2")
 DEFAULT_RUNS = ["baseline: c2r_lambda=0", "c2r: c2r_lambda=5"]
 
 
@@ -179,23 +181,19 @@ def field_docs(cls):
     return docs
 
 
-def parse_bool(s):
-    if s.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"{s!r} is not true or false")
-    return s.lower() in ("true", "1")
-
-
 def field_type(f):
     """The field's type as a parser of strings (a flag's or a --runs value)."""
     t = f.type if isinstance(f.type, type) else type(f.default)
-    return {tuple: lambda s: tuple(int(v) for v in s.split(",") if v), bool: parse_bool}.get(t, t)
+    return {tuple: lambda s: tuple(int(v) for v in s.split(",") if v),
+            bool: lambda s: {"true": True, "false": False}[s.lower()]}.get(t, t)
 
 
 def parse_args(argv=None):
     class Fmt(argparse.RawDescriptionHelpFormatter):    # shows defaults, except of on/off flags
         def _get_help_string(self, a):
             h = a.help or ""
-            return h if a.nargs == 0 or a.default is None or "%(default)" in h else h + " (default: %(default)s)"
+            on_off = a.nargs == 0 and not isinstance(a, argparse.BooleanOptionalAction)
+            return h if on_off or a.default is None or "%(default)" in h else h + " (default: %(default)s)"
     p = argparse.ArgumentParser(description=__doc__.split("\nRead it")[0].strip(), formatter_class=Fmt)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="gpt2", help="Hugging Face causal LM name or local directory")
@@ -225,10 +223,10 @@ def parse_args(argv=None):
     docs = field_docs(c2r.Config)
     for f in dataclasses.fields(c2r.Config):
         if f.name not in SET_HERE:
-            h = (docs.get(f.name, "") + NOTES.get(f.name, "")).replace("%", "%%")
-            kw = dict(action=argparse.BooleanOptionalAction) if field_type(f) is parse_bool else \
+            h = "; ".join(t for t in (docs.get(f.name), NOTES.get(f.name)) if t) or "see c2r.Config"
+            kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else \
                 dict(type=field_type(f), metavar=f.name.upper(), choices=c2r.KINDS if f.name == "kind" else None)
-            s.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=h, **kw)
+            s.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=h.replace("%", "%%"), **kw)
     p.set_defaults(n_latents=24576, k=32, bf16=True)      # GPT-2 small's SAE: Config's defaults are the toy's
     s.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, metavar="RUN",
                    help="one SAE per entry, all on the same batches: 'field=value ...' on top of the flags, "
@@ -260,7 +258,7 @@ def parse_runs(entries):
                                  f"({', '.join(known)})")
             try:
                 over[k] = field_type(known[k])(v)
-            except ValueError:
+            except (ValueError, KeyError):
                 raise ValueError(f"--runs {e!r}: {v!r} is not a valid {k}") from None
             raw.append(v if k == "kind" else k.replace("c2r_lambda", "lam") + v)
         name = name.strip() or "_".join(raw) or "flags"

@@ -135,7 +135,8 @@ def test_many_saes_on_the_same_batches(tiny, tmp_path):
     assert set(groups) == {("lam0", "twin", "seed1"), ("matryoshka",), ("matryoshka_prefixes96",), ("batchtopk_lam2",)}
     fvus = [res["saes"][n]["fvu"] for n in ("lam0", "twin", "seed1")]
     assert groups[("lam0", "twin", "seed1")]["fvu"] == pytest.approx([np.mean(fvus), np.std(fvus)])
-    assert groups[("batchtopk_lam2",)]["method"] == "BatchTopK+C²R" and groups[("matryoshka",)]["method"] == "Matryoshka"
+    assert groups[("batchtopk_lam2",)]["method"] == "BatchTopK+C²R"
+    assert groups[("matryoshka",)]["method"] == "Matryoshka"
     assert "mean ± std over seeds" in tg.table(res)
 
 
@@ -357,7 +358,8 @@ def test_runs_names_overrides_and_errors():
     assert list(runs) == ["lam0", "lam5", "matryoshka", "matryoshka_lam5", "k8", "seed1", "mine"]
     assert runs["matryoshka_lam5"] == dict(kind="matryoshka", c2r_lambda=5.0)
     assert runs["mine"] == dict(lr=0.01, prefixes=(4, 8), bf16=False) and runs["k8"] == dict(k=8)
-    for bad, msg in [("c2r_lamda=5", "'c2r_lamda=5' is not field=value.*c2r_lambda"), ("k=eight", "'eight' is not a valid k"),
+    for bad, msg in [("c2r_lamda=5", "'c2r_lamda=5' is not field=value.*c2r_lambda"),
+                     ("k=eight", "'eight' is not a valid k"),
                      ("d_model=3", "'d_model=3' is not field=value"), ("k", "'k' is not field=value"),
                      ("bf16=maybe", "not a valid bf16")]:
         with pytest.raises(ValueError, match=msg):
