@@ -226,13 +226,13 @@ def timed(chunks, clock):
         yield c
 
 
-def rounded(chunks, dtype):
-    """Activations rounded through `dtype` (float16: what the cache stores), back as fp32."""
+def rounded(chunks):
+    """Activations rounded to float16, what the cache stores, and back to fp32."""
     for c in chunks:
-        r = c.to(dtype)
+        r = c.half()
         if not torch.isfinite(r).all():
-            raise ValueError(f"an activation of magnitude {c.abs().max().item():.4g} overflows {dtype}: "
-                             f"use --act-dtype float32")
+            raise ValueError(f"an activation of magnitude {c.abs().max().item():,.0f} is beyond float16's 65,504: "
+                             f"train without --cache, in float32")
         yield r.float()
 
 
@@ -282,7 +282,8 @@ def rows_needed(steps, batch, n_buffer, chunk):
 # written whole under a temporary name and renamed; manifest.json (token count, shards, scale)
 # comes last, so a cache without it is incomplete whatever its shards hold, and a rerun continues
 # after the last full shard. Only training contexts enter: the held-out ones come first in the
-# seeded order and are never harvested.
+# seeded order and are never harvested. The SAEs then train on float16-rounded activations, which
+# train_gpt2.py's --act-dtype float16 gives without a cache, bit for bit.
 SHARD_BYTES = 2 ** 28
 
 
@@ -332,12 +333,15 @@ def read_cache(shards, chunk, device):
 
 def fill_cache(folder, settings, rows, harvest_fn, n_rows, scale, say):
     """Harvest n_rows training activations into the cache, after the full shards already there.
-    harvest_fn(rows) -> chunks already rounded to float16 (rounded() checks the range)."""
+    harvest_fn(rows) -> chunks already rounded by rounded()."""
     os.makedirs(folder, exist_ok=True)
     if check_cache(folder, settings) is None:
         c2r.atomic_write(os.path.join(folder, "settings.json"), lambda p: Path(p).write_text(json.dumps(settings)))
     elif os.path.exists(os.path.join(folder, "manifest.json")):    # too short: extend it, incomplete meanwhile
         os.unlink(os.path.join(folder, "manifest.json"))
+    for f in os.listdir(folder):             # what a killed process left half-written
+        if ".tmp" in f:
+            os.unlink(os.path.join(folder, f))
     per, T1 = settings["shard_rows"], settings["ctx"] - 1
     done = 0
     while os.path.exists(shard_path(folder, done)) and len(np.load(shard_path(folder, done), mmap_mode="r")) == per:

@@ -314,7 +314,7 @@ def activations(args, net, n_eval, steps, say):
     model, or from the --cache, harvested first where it is missing or short."""
     rows = lambda: lm.contexts(args.data, net.tok, args.ctx, n_eval, net.model.config.vocab_size, args.seed)[1]
     first_scale = lambda: next(net.harvest(rows())).pow(2).sum(1).mean().rsqrt().item()
-    live = lambda r: lm.rounded(net.harvest(r), torch.float16) if args.act_dtype == "float16" else net.harvest(r)
+    live = lambda r: lm.rounded(net.harvest(r)) if args.act_dtype == "float16" else net.harvest(r)
     if not args.cache:
         return first_scale() if args.normalize else 1.0, lambda: live(rows()), "model"
     chunk = args.model_batch * (args.ctx - 1)

@@ -252,6 +252,7 @@ def test_interrupted_harvest_resumes(tiny, tmp_path, monkeypatch):
         tg.run(args_for(tiny, tmp_path / "b", "--cache", str(tmp_path / "cut")))
     monkeypatch.setattr(np, "save", real_save)
     assert sorted(os.listdir(tmp_path / "cut")) == [f"acts_{i:05d}.npy" for i in range(5)] + ["settings.json"]
+    (tmp_path / "cut" / "acts_00005.npy.tmp999").write_bytes(b"half a shard")    # as a killed process leaves it
     chunks = []
 
     def counting_harvest(*a, **k):
@@ -262,6 +263,7 @@ def test_interrupted_harvest_resumes(tiny, tmp_path, monkeypatch):
     _, resumed = tg.run(args_for(tiny, tmp_path / "b", "--cache", str(tmp_path / "cut")))
     man = json.load(open(tmp_path / "whole" / "manifest.json"))
     assert json.load(open(tmp_path / "cut" / "manifest.json"))["shards"] == man["shards"] == [120] * 24
+    assert not [f for f in os.listdir(tmp_path / "cut") if ".tmp" in f]
     assert len(chunks) == 1 + 24 - 5                                  # the scale's batch, then the missing shards
     for i in range(24):
         assert np.array_equal(np.load(tmp_path / "whole" / f"acts_{i:05d}.npy"),
@@ -272,6 +274,14 @@ def test_interrupted_harvest_resumes(tiny, tmp_path, monkeypatch):
     tg.run(args_for(tiny, tmp_path / "c", "--cache", str(tmp_path / "cut"), "--tokens", "4096"))
     assert json.load(open(tmp_path / "cut" / "manifest.json"))["tokens"] == lm.rows_needed(16, 256, 1000, 120)
     assert len(chunks) == 1 + lm.rows_needed(16, 256, 1000, 120) // 120 - 24
+
+
+def test_float16_rounding_refuses_overflow():
+    x = torch.tensor([[1 / 3, -1000.7, 65504.0]])
+    (r,) = lm.rounded(iter([x]))
+    assert r.dtype == torch.float32 and torch.equal(r, x.half().float()) and not torch.equal(r, x)
+    with pytest.raises(ValueError, match="70,000 is beyond float16"):
+        list(lm.rounded(iter([torch.tensor([[1.0, -70000.0]])])))
 
 
 def test_rows_needed_is_what_the_buffer_pulls():
