@@ -27,7 +27,6 @@ import c2r
 # -----------------------------------------------------------------------------
 # 1. The model
 
-
 def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0):
     """Returns (model, tok). tok is None only when no tokenizer can be found and none is
     needed (a --random-init run on --data random)."""
@@ -122,7 +121,6 @@ def ce_loss(model, blocks, layer, ids_BT, splice=None, amp=nullcontext()):
 # 2. The text: every context is a BOS token (position 0, left out of training and of the SAE's
 # splice) and ctx - 1 tokens. The order is fixed by the seed: every pass sees the same contexts.
 
-
 @functools.lru_cache(maxsize=2)
 def read_tokens(data, tok):
     """All tokens of a .txt file or of the .txt files in a folder (sorted), documents joined
@@ -204,7 +202,6 @@ def contexts(data, tok, ctx, n_eval, vocab_size, seed=0):
 
 # -----------------------------------------------------------------------------
 # 3. The activations
-
 
 def harvest(model, blocks, layer, rows, model_batch, device, amp=nullcontext()):
     """Activations, context by context: [model_batch * (ctx - 1), D] fp32 chunks, the first
@@ -369,7 +366,6 @@ def fill_cache(folder, settings, rows, harvest_fn, n_rows, scale, say):
 
 # -----------------------------------------------------------------------------
 # 4. Export
-
 
 def fold(sae, scale):
     """The SAE trained on activations * scale, rewritten to act on raw activations:

@@ -1,6 +1,7 @@
 """
-SAEs on a language model's residual stream: one per setting, all on the same batches, evaluated
-into one table, one JSON and one figure. By default a baseline (c2r_lambda=0) and C²R (5, the paper's).
+SAEs on a language model's residual stream, trained by c2r.train: one per setting, all on the same
+batches, evaluated into one table, one JSON and one figure. By default a baseline (c2r_lambda=0)
+and C²R (5, the paper's).
 
     python train_gpt2.py                                    # GPT-2 small, layer 8, OpenWebText (internet + GPU)
     python train_gpt2.py --random-init --data random        # speed/memory run: no weights, no text needed
@@ -12,13 +13,12 @@ Read it top to bottom (lm.py: the model, the text, the activation buffer and cac
   2. reporting: one table, one JSON, one figure
   3. the flags: every c2r.Config field is a flag of the same name; --runs lists the SAEs
   4. the run, in stages: model, activations (scale, cache), train each SAE, evaluate, save, report
-
-The training loop itself is c2r.train; nothing here re-implements it.
 """
 
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import itertools
@@ -42,7 +42,6 @@ import lm
 # -----------------------------------------------------------------------------
 # 1. Evaluation
 
-
 @torch.no_grad()
 def recon_metrics(sae, x_ND, chunk=4096):
     """FVU, explained variance, L0 and dead latents (never active on these tokens)."""
@@ -65,9 +64,7 @@ def ce_recovered(ce_sae, ce_clean, ce_zero):
 
 
 def get(r, key):      # r["a"]["b"] for key "a.b"; None where any part is missing
-    for k in key.split("."):
-        r = r.get(k) if isinstance(r, dict) else None
-    return r
+    return functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), r)
 
 
 def seed_groups(cfgs, saes_res):
@@ -87,7 +84,6 @@ def seed_groups(cfgs, saes_res):
 
 # -----------------------------------------------------------------------------
 # 2. Reporting
-
 
 ABSORPTION = "absorption.mean_absorption_fraction"
 COLS = [("FVU", "fvu", "{:.4f}"), ("L0", "l0", "{:.1f}"), ("dead", "dead", "{}"), ("CE loss", "ce_loss", "{:.4f}"),
@@ -113,7 +109,10 @@ def table(res):
     out += [f"{n}: {t[n]['steps']} steps in {t[n]['wall_s']:.1f}s; activations from the {t[n]['source']} "
             f"{t[n]['source_tok_per_s']:,.0f} tok/s, SAE training {t[n]['sae_tok_per_s']:,.0f} tok/s"
             for n in res["saes"]]
-    mem = t["peak_gpu_mem_gib"]
+    a, mem = t["activations"], t["peak_gpu_mem_gib"]
+    if a.get("harvested_tokens"):
+        out.append(f"cache: {a['harvested_tokens']} activations harvested by this run, the model at "
+                   f"{a['harvested_tokens'] / max(a['harvest_s'], 1e-9):,.0f} tok/s")
     out.append(f"evaluation {t['eval_s']:.1f}s; whole run {t['total_s']:.1f}s"
                + (f"; peak GPU memory {mem:.2f} GiB" if mem is not None else ""))
     return "\n".join(out)
@@ -189,11 +188,10 @@ def field_type(f):
 
 
 def parse_args(argv=None):
-    class Fmt(argparse.RawDescriptionHelpFormatter):    # shows defaults, except of on/off flags
+    class Fmt(argparse.RawDescriptionHelpFormatter):    # shows defaults, but of on/off flags and unset ones
         def _get_help_string(self, a):
-            h = a.help or ""
             on_off = a.nargs == 0 and not isinstance(a, argparse.BooleanOptionalAction)
-            return h if on_off or a.default is None or "%(default)" in h else h + " (default: %(default)s)"
+            return a.help if on_off or a.default is None else a.help + " (default: %(default)s)"
     p = argparse.ArgumentParser(description=__doc__.split("\nRead it")[0].strip(), formatter_class=Fmt)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="gpt2", help="Hugging Face causal LM name or local directory")
@@ -286,7 +284,6 @@ def config_for(args, name, over, D, steps, dev):
 # -----------------------------------------------------------------------------
 # 4. The run, stage by stage
 
-
 def load_net(args, say):
     """Stage 1: the model on its device and its tokenizer; net.resid(ids), net.ce(ids, splice) and
     net.harvest(rows) run it up to block --layer (under bf16 autocast on CUDA, unless --no-bf16)."""
@@ -316,7 +313,7 @@ def activations(args, net, n_eval, steps, say):
     first_scale = lambda: next(net.harvest(rows())).pow(2).sum(1).mean().rsqrt().item()
     live = lambda r: lm.rounded(net.harvest(r)) if args.act_dtype == "float16" else net.harvest(r)
     if not args.cache:
-        return first_scale() if args.normalize else 1.0, lambda: live(rows()), "model"
+        return first_scale() if args.normalize else 1.0, lambda: live(rows()), dict(source="model")
     chunk = args.model_batch * (args.ctx - 1)
     settings = dict(model=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer, random_init=args.random_init,
                     layer=args.layer, data=args.data, ctx=args.ctx, seed=args.seed, held_out_contexts=n_eval,
@@ -324,13 +321,13 @@ def activations(args, net, n_eval, steps, say):
                     shard_rows=max(1, lm.SHARD_BYTES // (2 * net.D * chunk)) * chunk)
     n_rows = lm.rows_needed(steps, args.batch, int(args.buffer), chunk)
     man = lm.check_cache(args.cache, settings)
+    clock = {}                                   # the model's time and tokens, disk writes apart
     if man is None or man["tokens"] < n_rows:
-        t0, scale = time.time(), first_scale()
-        man = lm.fill_cache(args.cache, settings, rows(), live, n_rows, scale, say)
-        say(f"cache {args.cache}: {man['tokens']} activations; this run harvested at "
-            f"{man['tokens'] / (time.time() - t0):,.0f} tok/s")
+        timed_live = lambda r: lm.timed(live(r), clock)
+        man = lm.fill_cache(args.cache, settings, rows(), timed_live, n_rows, first_scale(), say)
     shards = lm.open_cache(args.cache, settings, n_rows)
-    return man["scale"] if args.normalize else 1.0, lambda: lm.read_cache(shards, chunk, net.dev), "cache"
+    return man["scale"] if args.normalize else 1.0, lambda: lm.read_cache(shards, chunk, net.dev), \
+        dict(source="cache", harvested_tokens=clock.get("tokens", 0), harvest_s=clock.get("s", 0.0))
 
 
 def train_one(args, name, cfg, batches, scale, run_info, dev, say):
@@ -412,7 +409,7 @@ def run(args):
     cfgs = {name: config_for(args, name, over, net.D, steps, net.dev) for name, over in runs.items()}
     n_eval = max(1, math.ceil(args.eval_tokens / (args.ctx - 1)))
     eval_ids, _ = lm.contexts(args.data, net.tok, args.ctx, n_eval, net.model.config.vocab_size, args.seed)
-    scale, source, where = activations(args, net, n_eval, steps, say)
+    scale, source, acts_info = activations(args, net, n_eval, steps, say)
     say(f"activation scale {scale:.4g}; {len(cfgs)} SAEs, {steps} steps x {args.batch} tokens each")
     run_info = {k: getattr(args, k) for k in ("model", "gguf_file", "random_init", "layer", "data", "ctx",
                                               "model_batch", "batch", "normalize", "seed", "act_dtype")}
@@ -424,7 +421,7 @@ def run(args):
     saes, timing = {}, {}
     for name, cfg in cfgs.items():
         sae, log, timing[name] = train_one(args, name, cfg, batches, scale, run_info, net.dev, say)
-        saes[name], timing[name]["source"] = (sae, log), where
+        saes[name], timing[name]["source"] = (sae, log), acts_info["source"]
     t0 = time.time()
     res = dict(run=run_info, scale=scale, configs={n: asdict(c) for n, c in cfgs.items()},
                **evaluate(args, net, eval_ids, cfgs, saes, scale))
@@ -434,7 +431,8 @@ def run(args):
         c2r.save(raw, os.path.join(args.out, f"{name}.pt"), act_scale=scale, run=run_info, log=log)
         lm.save_saelens(raw, os.path.join(args.out, f"{name}_saelens"), run_info)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if net.dev.type == "cuda" else None
-    res["timing"] = dict(total_s=time.time() - t_start, eval_s=eval_s, **timing, peak_gpu_mem_gib=mem)
+    res["timing"] = dict(total_s=time.time() - t_start, eval_s=eval_s, **timing, activations=acts_info,
+                         peak_gpu_mem_gib=mem)
     c2r.atomic_write(os.path.join(args.out, "results.json"), lambda p: Path(p).write_text(json.dumps(res, indent=2)))
     print(table(res))
     try:
