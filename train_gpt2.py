@@ -436,7 +436,8 @@ def run(args):
     c2r.atomic_write(os.path.join(args.out, "results.json"), lambda p: Path(p).write_text(json.dumps(res, indent=2)))
     print(table(res))
     try:
-        plot(res, os.path.join(args.out, "results.png"))
+        if any(g["absorption"] for g in res["groups"]):        # a figure of absorption, where there is some
+            plot(res, os.path.join(args.out, "results.png"))
     except ImportError:
         print("matplotlib is not installed: no figure (pip install matplotlib)")
     return res, {n: s for n, (s, _) in saes.items()}

@@ -180,6 +180,20 @@ def test_absorption_call_site(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def test_absorption_for_real(tiny, tmp_path):
+    """absorption.py itself on the tiny model: too few letters pass its probes here, so every
+    mean is None, shown as n/a, and the run goes on."""
+    pytest.importorskip("absorption")
+    pytest.importorskip("sklearn")
+    res, _ = tg.run(args_for(tiny, tmp_path, "--probe-words", "200", "--probe-epochs", "2"))
+    out = json.load(open(tmp_path / "results.json"))
+    for name, r in out["saes"].items():
+        assert r["absorption"]["letters_kept"] + r["absorption"]["letters_dropped"] == 26
+        assert r["absorption"]["mean_absorption_fraction"] is None
+    assert out["saes"]["c2r"]["vs_baseline"]["absorption_fraction"] is None
+    assert "| n/a |" in tg.table(res)
+
+
 def test_cache_trains_the_same_saes_as_the_live_model(tiny, tmp_path, monkeypatch):
     """--cache: the first run harvests the float16 activations to disk, a later run reads them
     back instead of running the model; both train exactly the SAEs that the live model gives
