@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU number of the README, as the one prepared script for a session with an H200:
 #
-#     OUT=/some/dir bash scripts/gpu.sh       # about 5 minutes expected, 9.5 at most (each part has a timeout)
-#     SMALL=1 OUT=/tmp/g bash scripts/gpu.sh  # the same, tiny, on a CPU: to try this script itself
+#     OUT=/some/dir bash results/gpu.sh       # about 5 minutes expected, 9.5 at most (each part has a timeout)
+#     SMALL=1 OUT=/tmp/g bash results/gpu.sh  # the same, tiny, on a CPU: to try this script itself
 #
 # 1. bench.py at its GPU sizes (README, Speed): the step table at 24,576 and 65,536 latents and
 #    c2r_loss alone up to 131,072; then `ours + C²R` with the table refreshed every 50 steps
