@@ -224,8 +224,8 @@ def fmt(v, f):
     return "-" if v is None else format(v, f)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv):
+    """The flags, each default filled in for the device: GPU sizes on a GPU, small ones on a CPU."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--d-model", type=int, default=None, help="default: 768 on GPU, 256 on CPU")
@@ -250,6 +250,14 @@ def main(argv=None):
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
+    # before the defaults below: `or` would take an explicit 0 for "not given" and time something else
+    for name in ("d_model", "batch", "k", "nbr_every", "steps", "c2r_reps"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.warmup is not None and a.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {a.warmup}")
+    if min(a.n_latents or [2]) < 2 or min(a.c2r_latents or [2]) < 2:    # C²R needs a neighbour
+        ap.error(f"--n-latents and --c2r-latents must be >= 2, got {a.n_latents} and {a.c2r_latents}")
     a.d_model = a.d_model or (768 if gpu else 256)
     a.n_latents = ([24576, 65536] if gpu else [4096, 16384]) if a.n_latents is None else a.n_latents
     a.batch = a.batch or (4096 if gpu else 512)
@@ -258,6 +266,12 @@ def main(argv=None):
     a.amp = a.amp or ("bf16" if gpu else "none")
     a.c2r_latents = ([24576, 65536, 131072] if gpu else [4096, 16384]) if a.c2r_latents is None else a.c2r_latents
     a.c2r_reps = a.c2r_reps or (5 if gpu else 1)
+    return a, gpu
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    a, gpu = parse(argv)
     if a.child:
         return child(a, json.loads(a.child))
 

@@ -319,9 +319,9 @@ NABESHIMA_SAE = dict(n_latents=40, k=2)
 
 
 def grid(args):
-    """[(key, kind, lam, flags it overrides, toy)]. The default: baseline and C²R at its lambda, per
-    kind. --sweep: each method's sparsity knob around the defaults (k for the TopK kinds, the L1
-    coefficient for ReLU), and C²R across lambda at the default k; key = (method, knob, value).
+    """[(key, kind, lam, flags it overrides, toy)]. Default: baseline and C²R, per kind. --compare: the
+    same for batchtopk and matryoshka on two toys, each run twice (stability). --sweep: each method's
+    sparsity knob (k; L1 for ReLU) and C²R's lambda at the default k, key = (method, knob, value).
     BatchTopK fixes L0 = k, so '+ C²R' at the same k is C²R at matched L0."""
     lam = {kind: DEFAULT_LAM[kind] if args.c2r_lambda is None else args.c2r_lambda for kind in DEFAULT_LAM}
     if args.compare:
@@ -341,18 +341,16 @@ def grid(args):
                   for method, l in (("ReLU", 0.0), ("ReLU+C2R", lam["relu"])) for f in (0.25, 0.5, 1, 2, 4)]
 
 
-SWEEP_PANELS = [("absorb", "absorption"), ("absorb_full", "full absorption"), ("split", "splitting")]
-
-
 def plot_sweep(rows, path):
     """One curve per method: each metric against FVU, mean ± std over seeds. Needs matplotlib."""
+    panels = [("absorb", "absorption"), ("absorb_full", "full absorption"), ("split", "splitting")]
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods = list(dict.fromkeys(key[0] for key in rows))
-    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(13, 4.6))
-    for ax, (col, title) in zip(axes, SWEEP_PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4.6))
+    for ax, (col, title) in zip(axes, panels):
         for i, method in enumerate(methods):
             pts = [(key, ms) for key, ms in rows.items() if key[0] == method]
             x = np.array([[m["fvu"] for m in ms] for _, ms in pts])
@@ -409,14 +407,15 @@ def check(ap, args, jobs):
         try:
             config(kind, lam, s, a, toy)
         except ValueError as e:
-            ap.error(f"{kind}, c2r-lambda {lam:g}, n-latents {a.n_latents}, k {a.k}: {e}")
+            ap.error(f"{kind}, c2r-lambda {lam:g}, n-latents {a.n_latents}, k {a.k}"
+                     f"{' (--sweep runs k from --k / 2 to 2 * --k)' if args.sweep else ''}: {e}")
     folder = os.path.dirname(os.path.abspath(args.out))
     try:                                           # --sweep writes its table after the last SAE: try now
         if args.sweep:
             os.makedirs(folder, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        ap.error(f"--out {args.out}: cannot write to {folder} ({e.strerror or e})")
+        ap.error(f"--out {args.out}: cannot write in {folder} ({e})")
 
 
 def main(argv=None):

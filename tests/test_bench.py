@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -35,3 +36,13 @@ def test_chunked_c2r_with_one_chunk_is_c2r():
     acts = F.relu(torch.randn(16, 40, generator=g, dtype=torch.float64))
     W = torch.randn(40, 8, generator=g, dtype=torch.float64)
     torch.testing.assert_close(bench.chunked_c2r(acts, W, alpha=1.0), c2r.c2r_loss(acts, W))
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch", "0"], ["--k", "0"], ["--nbr-every", "0"],
+                                  ["--d-model", "0"], ["--c2r-reps", "0"], ["--warmup", "-1"],
+                                  ["--n-latents", "1"], ["--c2r-latents", "64", "0"]])
+def test_bad_flags_stop_at_once(argv, capsys):
+    """An explicit 0 used to be taken for 'not given' (`a.steps or 10`) and quietly replaced."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse(["--device", "cpu", *argv])
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
