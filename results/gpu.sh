@@ -24,7 +24,7 @@ mkdir -p "$OUT" "$RUN"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1     # no Hub there: fail at once instead of retrying
 BENCH=() GPT2=() T=1
 if [ -n "${SMALL:-}" ]; then                   # seconds on a CPU, every code path of the big run
-    BENCH=(--device cpu --d-model 32 --latents 512 --batch 64 --k 4 --steps 2 --warmup 1 --c2r-latents 512)
+    BENCH=(--device cpu --d-model 32 --n-latents 512 --batch 64 --k 4 --steps 2 --warmup 1 --c2r-latents 512)
     GPT2=(--device cpu --tokens 4096 --batch 512 --n-latents 256 --eval-tokens 512 --buffer 8192
           --model-batch 8 --probe-words 300)
     T=0.2
