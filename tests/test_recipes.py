@@ -39,7 +39,7 @@ for step, x_BD in enumerate(batches):
         nbr_F = nearest_neighbours(sae.W_dec)     # W_dec is [F, D], a latent per row (else pass W_dec.T)
     a_F = code_norms(vals_BK.flatten(), idx_BK.flatten(), sae.W_dec.shape[0])   # ||acts[:, i]||_2, no [B, F]
     # unit_rows=True skips normalising W_dec's rows. Right only if your trainer keeps them at unit norm
-    # AND removes the gradient's radial part before each step (sparsify does both); else silently wrong
+    # AND removes the gradient's radial part before each step (sparsify's normalize_decoder does both)
     penalty = c2r_penalty(a_F, sae.W_dec, nbr_F, unit_rows=False)
     loss = (x_hat_BD - x_BD).pow(2).sum(-1).mean() + lam * penalty
     opt.zero_grad()
