@@ -741,7 +741,7 @@ def table(res):
     names = list(res["saes"])
     out = [f"| metric | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
     for label, key, fmt in rows:
-        out.append(f"| {label} | " + " | ".join(fmt.format(res["saes"][n][key]) for n in names) + " |")
+        out.append(f"| {label} | " + " | ".join("-" if res["saes"][n][key] is None else fmt.format(res["saes"][n][key]) for n in names) + " |")
     if "probe" in res:
         pr = res["probe"]
         for label, key in (("mean absorption fraction", "mean_absorption_fraction"),
