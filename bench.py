@@ -55,7 +55,7 @@ def timed(batches, stamps, dev, prof=None, prof_steps=()):
         yield x
 
 
-def chunked_c2r(acts_BF, W_dec_FD, alpha, chunk=8192):
+def chunked_c2r(acts_BF, W_dec_FD, *, alpha=1.0, chunk=8192):
     """C²R as the authors compute it (from the description in the issue): every step, random
     chunks of `chunk` latents, the full cosine matrix of each chunk, the nearest other latent
     *within the chunk*, and a_F from the dense code matrix."""
@@ -89,7 +89,7 @@ def dense_train(sae, batches, cfg, chunked):
             x_hat, acts, _ = sae(x)
             loss = (x_hat.float() - x).pow(2).sum(-1).mean()
             if chunked:
-                loss = loss + cfg.c2r_lambda * chunked_c2r(acts, sae.W_dec_FD, cfg.c2r_alpha)
+                loss = loss + cfg.c2r_lambda * chunked_c2r(acts, sae.W_dec_FD, alpha=cfg.c2r_alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -124,7 +124,7 @@ def step_row(a, row, n_latents):
     N = -(-a.steps // R) * R
     P = 5 if a.profile else 0                     # profiled steps, after the timed ones
     cfg = c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k,
-                     c2r_lambda=a.lam if "C²R" in row else 0.0, c2r_alpha=1.0, nbr_every=R,
+                     c2r_lambda=a.c2r_lambda if "C²R" in row else 0.0, c2r_alpha=1.0, nbr_every=R,
                      steps=W + N + P + 1, warmup=0.0, decay=0.0, log_every=10**9, seed=0, bf16=a.amp == "bf16")
     sae = c2r.SAE(cfg).to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -191,7 +191,7 @@ def c2r_row(a, n_latents):
 
     def penalty():
         vals.grad = W_unit.grad = None
-        c2r.c2r_penalty(c2r.code_norms(vals, cols, n_latents), W_unit, nbr_F, unit_rows=True).backward()
+        c2r.c2r_penalty(c2r.code_norms(vals, cols, n_latents), W_unit, nbr_F, alpha=1.0, unit_rows=True).backward()
 
     if reps > 1:
         penalty()
@@ -224,16 +224,16 @@ def fmt(v, f):
     return "-" if v is None else format(v, f)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv):
+    """The flags, each default filled in for the device: GPU sizes on a GPU, small ones on a CPU."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--d-model", type=int, default=None, help="default: 768 on GPU, 256 on CPU")
-    ap.add_argument("--latents", type=int, nargs="*", default=None,
+    ap.add_argument("--n-latents", type=int, nargs="*", default=None,
                     help="step table at these widths; default 24576 65536 (GPU), 4096 16384 (CPU)")
     ap.add_argument("--batch", type=int, default=None, help="tokens a step; default 4096 (GPU), 512 (CPU)")
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--lam", type=float, default=5.0, help="C²R lambda (the paper's)")
+    ap.add_argument("--c2r-lambda", type=float, default=5.0, help="C²R lambda (the paper's)")
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="R for `ours + C²R`")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps; default 20 (GPU), 3 (CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps; default 100 (GPU), 10 (CPU)")
@@ -250,24 +250,38 @@ def main(argv=None):
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
+    # before the defaults below: `or` would take an explicit 0 for "not given" and time something else
+    for name in ("d_model", "batch", "k", "nbr_every", "steps", "c2r_reps"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.warmup is not None and a.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {a.warmup}")
+    if min(a.n_latents or [2]) < 2 or min(a.c2r_latents or [2]) < 2:    # C²R needs a neighbour
+        ap.error(f"--n-latents and --c2r-latents must be >= 2, got {a.n_latents} and {a.c2r_latents}")
     a.d_model = a.d_model or (768 if gpu else 256)
-    a.latents = ([24576, 65536] if gpu else [4096, 16384]) if a.latents is None else a.latents
+    a.n_latents = ([24576, 65536] if gpu else [4096, 16384]) if a.n_latents is None else a.n_latents
     a.batch = a.batch or (4096 if gpu else 512)
     a.warmup = (20 if gpu else 3) if a.warmup is None else a.warmup
     a.steps = a.steps or (100 if gpu else 10)
     a.amp = a.amp or ("bf16" if gpu else "none")
     a.c2r_latents = ([24576, 65536, 131072] if gpu else [4096, 16384]) if a.c2r_latents is None else a.c2r_latents
     a.c2r_reps = a.c2r_reps or (5 if gpu else 1)
+    return a, gpu
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    a, gpu = parse(argv)
     if a.child:
         return child(a, json.loads(a.child))
 
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
     print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
-          f"autocast {a.amp}, C²R lambda {a.lam}, R={a.nbr_every}")
+          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
     results = []
-    for n in a.latents:
+    for n in a.n_latents:
         print(f"\n{n:,} latents: one training step ({a.steps}+ timed steps after {a.warmup}+ warmup)")
         print(f"{'':>22} {'ms/step':>9} {'median':>8} {'tokens/s':>11} {mem:>30}")
         got = {}

@@ -1,49 +1,101 @@
 """
 Cross-sample Consistency Regularization (C²R) for sparse autoencoders, in one file.
 
-Read it top to bottom:
-  1. c2r_loss       the penalty itself (+ the exact, blocked nearest-neighbour search)
-  2. Config, SAE    one SAE class with four activation kinds: relu (+L1), topk, batchtopk,
-                    matryoshka (BatchTopK + nested prefix losses)
-  3. train          a flat training loop: Adam, warmup/decay, AuxK for dead latents, C²R
-  4. metrics, save/load
+    w_i  = W_dec[i] / ||W_dec[i]||          latent i's decoder direction (W_dec is [F, D]: a latent is a row)
+    j(i) = argmax_{j != i} <w_i, w_j>       its most similar *other* latent, exact, over the whole dictionary
+    s_i  = max(<w_i, w_j(i)>, 0)^2
+    a_i  = ||acts[:, i]||_2                 over the batch: cross-sample
+    C²R  = mean_i (a_i + a_j(i))^alpha * s_i,     loss = recon + ... + lambda * C²R,   j(i) a constant
 
-Shape suffixes (after saprmarks/dictionary_learning): B = batch, D = d_model, F = n_latents.
-W_dec is stored as [n_latents, d_model] (after EleutherAI/sparsify), so a latent is a row.
+Read top to bottom: the C²R block (paste it into any SAE trainer: it needs only torch), then one
+SAE class (Config, SAE: relu + L1, topk, batchtopk, matryoshka), a flat training loop (train),
+metrics, checkpoints. Shape suffixes: B = batch, D = d_model, F = n_latents, N = kept codes.
 
 Jin, Wang, Ren, Xie, Lian, "Cross-sample Consistency Regularization for SAEs", ICML 2026.
 """
 
+import contextlib
+import errno
+import hashlib
+import math
+import numbers
 import os
-from dataclasses import asdict, dataclass, fields
+import pickle
+import re
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-# -----------------------------------------------------------------------------
-# 1. The C²R penalty
-#
-#   s_i   = max(cos(w_i, w_j(i)), 0)^2        j(i) = most similar *other* latent
-#   a_i   = || acts[:, i] ||_2                (over the batch: cross-sample)
-#   C²R   = mean_i (a_i + a_j(i))^alpha * s_i
-#
-# Two latents pointing the same way that are both active in the batch cost a lot;
-# that is exactly what splitting (near-duplicates) and absorption (a child latent
-# leaning towards its parent's direction) look like. Gradients flow into s (the
-# decoder) and into a (the codes, hence the encoder); j(i) is a constant.
+# --- begin C²R (paste this block) ---
+import torch
+import torch.nn.functional as F
+
+# Two latents that point the same way and are both active in the batch cost a lot: that is what
+# splitting (near-duplicates) and absorption (a child latent leaning towards its parent's
+# direction) look like. Gradients reach s (the decoder) and a (the codes, hence the encoder).
+
+
+def c2r_loss(acts_BF, W_dec_FD, *, alpha=1.0, nbr_F=None):
+    """C²R of a batch of codes acts_BF [B, F] (post-TopK for TopK SAEs) and a decoder W_dec_FD
+    [F, D] (pass W_dec.T if yours is [D, F]). nbr_F: a table from nearest_neighbours, reused
+    between refreshes; None searches afresh. Shapes are checked at once; the values never are
+    (no host read-back, no GPU wait): a NaN code gives a NaN loss, for the caller to catch."""
+    if acts_BF.ndim != 2 or W_dec_FD.ndim != 2:
+        raise ValueError(f"c2r_loss wants acts [B, F] and W_dec [F, D], got acts {tuple(acts_BF.shape)} "
+                         f"and W_dec {tuple(W_dec_FD.shape)}")
+    if acts_BF.shape[1] != W_dec_FD.shape[0]:
+        raise ValueError(f"acts has {acts_BF.shape[1]} latents but W_dec has {W_dec_FD.shape[0]} rows: "
+                         f"W_dec must be [n_latents, d_model] (pass W_dec.T if yours is [d_model, n_latents])")
+    if nbr_F is None:
+        nbr_F = nearest_neighbours(W_dec_FD)
+    a_F = torch.linalg.vector_norm(acts_BF, dim=0)      # its gradient is 0 (not NaN) at a = 0
+    return c2r_penalty(a_F, W_dec_FD, nbr_F, alpha=alpha)
+
+
+def c2r_penalty(a_F, W_dec_FD, nbr_F, *, alpha=1.0, unit_rows=False):
+    """C²R from the per-latent batch norms a_F [F] (code_norms, or vector_norm(acts_BF, dim=0)),
+    the decoder W_dec_FD [F, D] and a neighbour table nbr_F [F] (int64, from nearest_neighbours).
+
+    unit_rows=True skips normalising the rows, and is right only if the rows are kept at unit
+    norm AND their gradient loses its radial part before each step (as in train()): then the same
+    value and the same stepped gradient, at a third of the cost. Otherwise it is silently wrong:
+    rows off the unit sphere give dot products for cosines; unit rows stepped with the raw
+    gradient take a different step."""
+    n = W_dec_FD.shape[0]
+    if W_dec_FD.ndim != 2 or a_F.shape != (n,) or nbr_F.shape != (n,):
+        raise ValueError(f"c2r_penalty wants a_F [F], W_dec [F, D], nbr_F [F], got {tuple(a_F.shape)}, "
+                         f"{tuple(W_dec_FD.shape)}, {tuple(nbr_F.shape)}")
+    if nbr_F.dtype != torch.int64:
+        raise TypeError(f"nbr_F must be int64 indices from nearest_neighbours, got {nbr_F.dtype}")
+    if not alpha > 0:
+        raise ValueError(f"c2r alpha must be > 0, got {alpha}")
+    # -1 (an SAE's table before its first search) would wrap to the last latent without a word.
+    # Asserted with no host read: on the CPU it raises here; on CUDA the device asserts, with no
+    # wait (and the process must restart). torch has this assert for those two devices only.
+    if nbr_F.device.type in ("cpu", "cuda"):
+        torch._assert_async(((nbr_F >= 0) & (nbr_F < n)).all(), "c2r_penalty: nbr_F holds indices outside "
+                            "[0, n_latents) (-1: never searched); build it with nearest_neighbours(W_dec)")
+    W = W_dec_FD if unit_rows else F.normalize(W_dec_FD, dim=1)    # cosines, whatever the row norms
+    s_F = (W * W[nbr_F]).sum(dim=1).clamp(min=0) ** 2
+    x_F = a_F + a_F[nbr_F]
+    if alpha != 1.0:
+        # 0^alpha has an infinite slope for alpha < 1: keep pairs of silent latents
+        # (x = 0, common after TopK) out of the power so no NaN reaches the gradient.
+        on = x_F > 0
+        x_F = torch.where(on, torch.where(on, x_F, 1.0) ** alpha, 0.0)
+    return (x_F * s_F).mean()
 
 
 @torch.no_grad()
-def nearest_neighbours(W_dec_FD, block=2048):
-    """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary.
+def nearest_neighbours(W_dec_FD, *, block=2048):
+    """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary -> int64 [F].
 
-    Exact, but computed block by block so memory is O(block * F): the F x F cosine
-    matrix never exists (65,536 latents in fp32 would need 16 GiB for it). The matrix is
-    symmetric, so a block of rows meets only itself and the rows after it: its row maxima
-    are its own candidates, its column maxima the later rows' candidates from this block.
-    That is half the flops of multiplying every block with the whole dictionary."""
+    Exact, but computed block by block so memory is O(block * F): the F x F cosine matrix never
+    exists (65,536 latents in fp32 would need 16 GiB for it). The matrix is symmetric, so a block
+    of rows meets only itself and the rows after it: its row maxima are its own candidates, its
+    column maxima the later rows' candidates from this block. Half the flops of a full pass."""
     n = W_dec_FD.shape[0]
     if n < 2:
         raise ValueError(f"C²R needs at least 2 latents to find neighbours, got n_latents={n}")
@@ -71,131 +123,96 @@ def nearest_neighbours(W_dec_FD, block=2048):
     return nbr_F
 
 
-def c2r_penalty(a_F, W_dec_FD, nbr_F, alpha=1.0, unit_rows=False):
-    """C²R from per-latent batch norms a_F and a (fixed) neighbour table nbr_F.
-
-    unit_rows=True skips the normalisation, for a decoder kept on the unit sphere whose gradient
-    loses its radial part before the step, as in train(): the same value, and after that
-    projection the same gradient (normalize's backward is that projection), at a third of the cost."""
-    W = W_dec_FD if unit_rows else F.normalize(W_dec_FD, dim=1)    # cosines, whatever the row norms
-    s_F = (W * W[nbr_F]).sum(dim=1).clamp(min=0) ** 2
-    x_F = a_F + a_F[nbr_F]
-    if alpha != 1.0:
-        # 0^alpha has an infinite slope for alpha < 1: keep pairs of silent latents
-        # (x = 0, common after TopK) out of the power so no NaN reaches the gradient.
-        on = x_F > 0
-        x_F = torch.where(on, torch.where(on, x_F, 1.0) ** alpha, 0.0)
-    return (x_F * s_F).mean()
-
-
 def code_norms(vals_N, cols_N, n_latents):
-    """a_F = ||acts[:, i]||_2 from the nonzero codes alone (values vals_N of latents cols_N),
-    e.g. the k*B kept by TopK: no dense [B, F] matrix. sqrt has an infinite slope at 0, so
+    """a_F = ||acts[:, i]||_2 from the nonzero codes alone (values vals_N of latents cols_N, e.g.
+    the k*B kept by TopK, flattened): no dense [B, F] matrix. sqrt has an infinite slope at 0, so
     silent latents stay out of it: their gradient is 0, as vector_norm's is, never NaN."""
     v_N = vals_N.to(torch.promote_types(vals_N.dtype, torch.float32))     # bf16 codes: sum in fp32
     sq_F = v_N.new_zeros(n_latents).index_add(0, cols_N, v_N.square())
     on = sq_F > 0
     return torch.where(on, torch.where(on, sq_F, 1.0).sqrt(), 0.0)
-
-
-def c2r_loss(acts_BF, W_dec_FD, alpha=1.0, nbr_F=None, block=2048):
-    """The C²R penalty for a batch of codes acts_BF [B, F] and decoder W_dec_FD [F, D].
-
-    Paste this (with nearest_neighbours and c2r_penalty) into any SAE trainer and add
-    `lam * c2r_loss(codes, W_dec)` to the loss; for TopK SAEs pass the post-TopK codes.
-    nbr_F: a neighbour table to reuse (from nearest_neighbours); None searches afresh."""
-    if acts_BF.ndim != 2 or W_dec_FD.ndim != 2:
-        raise ValueError(f"c2r_loss wants acts [B, F] and W_dec [F, D], got acts {tuple(acts_BF.shape)} "
-                         f"and W_dec {tuple(W_dec_FD.shape)}")
-    if acts_BF.shape[1] != W_dec_FD.shape[0]:
-        raise ValueError(f"acts has {acts_BF.shape[1]} latents but W_dec has {W_dec_FD.shape[0]} rows: "
-                         f"W_dec must be [n_latents, d_model]")
-    if alpha <= 0:
-        raise ValueError(f"c2r alpha must be > 0, got {alpha}")
-    if not torch.isfinite(acts_BF).all():
-        raise ValueError("c2r_loss: acts contain NaN or inf")
-    if nbr_F is None:
-        nbr_F = nearest_neighbours(W_dec_FD, block)
-    a_F = torch.linalg.vector_norm(acts_BF, dim=0)   # its gradient is 0 (not NaN) at a = 0
-    return c2r_penalty(a_F, W_dec_FD, nbr_F, alpha)
+# --- end C²R ---
 
 
 # -----------------------------------------------------------------------------
-# 2. The SAE
+# The SAE
 
 KINDS = ("relu", "topk", "batchtopk", "matryoshka")
 
 
 @dataclass
 class Config:
+    """One SAE and how to train it. Units in [brackets]; a fraction is of cfg.steps."""
     # the SAE
-    d_model: int = 64
-    n_latents: int = 512
-    kind: str = "batchtopk"      # relu (+L1) | topk | batchtopk | matryoshka
-    k: int = 8                   # active latents per sample (topk), on average (batchtopk, matryoshka)
-    l1_coeff: float = 1e-3       # relu only: decoder-norm-weighted L1
-    prefixes: tuple = ()         # matryoshka only: nested sizes m_1 < m_2 < ...; n_latents is always last
+    d_model: int = 64            # width of the activations it reads [dims]
+    n_latents: int = 512         # dictionary size F [latents]
+    kind: str = "batchtopk"      # relu (+ L1) | topk | batchtopk | matryoshka (batchtopk + nested prefix losses)
+    k: int = 8                   # topk kinds: active latents per sample [latents] (batchtopk: on average)
+    l1_coeff: float = 1e-3       # relu only: weight of the plain L1 of the codes. The decoder rows are kept at
+                                 # unit norm, so this is also the "decoder-norm-weighted" L1 [per unit of code]
+    prefixes: tuple = ()         # matryoshka only: nested sizes m_1 < m_2 < ... [latents]; n_latents is appended
     # C²R
-    c2r_lambda: float = 0.0      # 0 = baseline
-    c2r_alpha: float = 1.0
-    c2r_warmup: float = 0.0      # fraction of steps over which lambda ramps up from 0
-    nbr_every: int = 10          # refresh the neighbour table every R steps. R=1 is the exact definition;
+    c2r_lambda: float = 0.0      # weight of C²R in the loss; 0 = the baseline (no neighbour search at all)
+    c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
+    c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
+    nbr_every: int = 10          # refresh the neighbour table every R steps [steps]. R=1 is the exact definition;
                                  # 10 leaves the toy's results unchanged and makes the search 10x rarer
     # dead latents (topk kinds): AuxK, Gao et al. 2024
-    aux_k: int = 0               # 0 = d_model // 2
-    aux_coeff: float = 1 / 32
-    dead_tokens: int = 1_000_000  # a latent silent for this many tokens is dead
+    aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
+    aux_coeff: float = 1 / 32    # weight of the AuxK loss
+    dead_tokens: int = 1_000_000  # a latent silent for more than this many tokens is dead [tokens]
     # optimisation
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup: float = 0.05         # fraction of steps of linear LR warmup
-    decay: float = 0.2           # fraction of steps, at the end, of linear LR decay to 0
-    l1_warmup: float = 0.05      # relu only: fraction of steps over which l1_coeff ramps up
-    clip_grad: float = 1.0
-    bf16: bool = False           # the forward and the loss under bf16 autocast (weights, grads, Adam: fp32)
-    thr_momentum: float = 0.99   # batchtopk: EMA of the inference threshold
-    log_every: int = 50
-    seed: int = 0
+    steps: int = 1000            # training steps, one batch each [steps]
+    lr: float = 1e-3             # Adam's peak learning rate
+    warmup: float = 0.05         # linear LR warmup over this first fraction of the steps
+    decay: float = 0.2           # linear LR decay to 0 over this last fraction of the steps
+    l1_warmup: float = 0.05      # relu only: l1_coeff ramps up from 0 over this fraction of the steps
+    clip_grad: float = 1.0       # max global gradient norm; 0 = no clipping
+    bf16: bool = False           # forward and loss under bf16 autocast (weights, grads, Adam stay fp32)
+    thr_momentum: float = 0.99   # batchtopk, matryoshka: EMA momentum of the inference threshold [per step]
+    log_every: int = 50          # one log row every this many steps [steps]; each waits for the device
+    seed: int = 0                # the SAE's initialisation
 
     def __post_init__(self):
+        # types first: 2.5, "3" or True for an int, a NaN or inf for a float fail here, by name,
+        # not as a shape error or a silently disabled term (nan > 0 is False) deep in train()
+        types = {int: (numbers.Integral, "an int"), float: (numbers.Real, "a number"), bool: (bool, "True or False")}
+        for f in fields(self):
+            v, (want, what) = getattr(self, f.name), types.get(f.type, (object, ""))
+            if not isinstance(v, want) or (isinstance(v, bool) and f.type is not bool):
+                raise TypeError(f"Config.{f.name} must be {what}, got {v!r}")
+            if f.type in (int, float):
+                if not math.isfinite(v):
+                    raise ValueError(f"Config.{f.name} must be finite, got {v}")
+                setattr(self, f.name, f.type(v))   # plain Python, so a weights_only checkpoint rebuilds it
         if self.kind not in KINDS:
             raise ValueError(f"unknown SAE kind {self.kind!r}, expected one of {KINDS}")
-        # a tuple of ints, so asdict() stays plain Python and a weights_only checkpoint rebuilds it
+        if any(isinstance(m, bool) or not isinstance(m, numbers.Integral) for m in self.prefixes):
+            raise TypeError(f"Config.prefixes must be ints, got {self.prefixes!r}")
         self.prefixes = tuple(int(m) for m in self.prefixes)
         if self.prefixes and self.kind != "matryoshka":
             raise ValueError(f"prefixes={self.prefixes} only apply to kind='matryoshka', not {self.kind!r}")
-        if self.kind == "matryoshka":
-            if self.prefixes[-1:] != (self.n_latents,):
-                self.prefixes += (self.n_latents,)
-            if any(a >= b for a, b in zip((0,) + self.prefixes, self.prefixes)):
-                raise ValueError(f"prefixes must increase strictly from >= 1 to n_latents={self.n_latents}, "
-                                 f"got {self.prefixes}")
-        if self.d_model < 1 or self.n_latents < 1:
-            raise ValueError(f"d_model and n_latents must be >= 1, got {self.d_model}, {self.n_latents}")
-        if self.kind != "relu" and not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
-        if self.c2r_lambda < 0:
-            raise ValueError(f"c2r_lambda must be >= 0, got {self.c2r_lambda}")
-        if self.c2r_alpha <= 0:
-            raise ValueError(f"c2r_alpha must be > 0, got {self.c2r_alpha}")
-        if self.l1_coeff < 0:
-            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff}")
-        if self.nbr_every < 1:
-            raise ValueError(f"nbr_every must be >= 1, got {self.nbr_every}")
-        if self.steps < 1 or self.lr <= 0:
-            raise ValueError(f"need steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
-        for name in ("c2r_warmup", "warmup", "decay", "l1_warmup"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} is a fraction of the steps, in [0, 1], got {getattr(self, name)}")
-        if self.warmup + self.decay > 1:    # the LR would jump down where the two overlap
-            raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
-        if not 0 <= self.thr_momentum <= 1:
-            raise ValueError(f"thr_momentum must be in [0, 1], got {self.thr_momentum}")
-        if self.aux_k < 0 or self.aux_coeff < 0 or self.dead_tokens < 0:
-            raise ValueError(f"aux_k, aux_coeff and dead_tokens must be >= 0, got {self.aux_k}, "
-                             f"{self.aux_coeff}, {self.dead_tokens}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.kind == "matryoshka" and self.prefixes[-1:] != (self.n_latents,):
+            self.prefixes += (self.n_latents,)
+        if any(a >= b for a, b in zip((0,) + self.prefixes, self.prefixes)):
+            raise ValueError(f"prefixes must increase strictly from >= 1 to n_latents={self.n_latents}, "
+                             f"got {self.prefixes}")
+        for name, ok, want in [
+                ("d_model", self.d_model >= 1, ">= 1"), ("n_latents", self.n_latents >= 1, ">= 1"),
+                ("k", self.kind == "relu" or 1 <= self.k <= self.n_latents, f"in [1, n_latents={self.n_latents}]"),
+                ("c2r_lambda", self.c2r_lambda >= 0, ">= 0"), ("c2r_alpha", self.c2r_alpha > 0, "> 0"),
+                ("n_latents", self.c2r_lambda == 0 or self.n_latents >= 2, ">= 2 for C²R (c2r_lambda > 0)"),
+                ("l1_coeff", self.l1_coeff >= 0, ">= 0"), ("nbr_every", self.nbr_every >= 1, ">= 1"),
+                ("aux_k", self.aux_k >= 0, ">= 0"), ("aux_coeff", self.aux_coeff >= 0, ">= 0"),
+                ("dead_tokens", self.dead_tokens >= 0, ">= 0"), ("steps", self.steps >= 1, ">= 1"),
+                ("lr", self.lr > 0, "> 0"), ("clip_grad", self.clip_grad >= 0, ">= 0 (0: no clipping)"),
+                *[(name, 0 <= getattr(self, name) <= 1, "a fraction of the steps, in [0, 1]")
+                  for name in ("c2r_warmup", "warmup", "decay", "l1_warmup")],
+                ("warmup + decay", self.warmup + self.decay <= 1, "<= 1 (the LR would jump where they overlap)"),
+                ("thr_momentum", 0 <= self.thr_momentum <= 1, "in [0, 1]"), ("log_every", self.log_every >= 1, ">= 1")]:
+            if not ok:
+                got = getattr(self, name, f"{self.warmup} + {self.decay}")
+                raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
 
 
 class SAE(nn.Module):
@@ -284,7 +301,7 @@ def geometric_median(x_BD, iters=50, eps=1e-8):
 
 
 # -----------------------------------------------------------------------------
-# 3. Training
+# Training
 
 def lr_at(step, cfg):
     """Linear warmup, constant, then linear decay to 0 over the last `decay` of the run."""
@@ -332,17 +349,19 @@ def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, prefixes=None):
 def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
 
-    Returns (sae, log): log is a list of dicts, one every cfg.log_every steps. Step 0 sets b_dec
-    to the geometric median of the first batch, so to fine-tune a trained SAE pass start > 0.
-    To resume an interrupted run: pass the step to start from, the optimizer's saved
-    state_dict, and `batches` positioned at that step. on_step(step, opt, log), if given,
-    is called after every step (e.g. to write a checkpoint)."""
-    cfg = cfg or sae.cfg
+    Returns (sae, log): log holds a dict (step, loss, fvu, l0, c2r, dead) every cfg.log_every steps
+    and at the last; c2r is None when c2r_lambda = 0. Step 0 sets b_dec to the geometric median of
+    the first batch, so to fine-tune a trained SAE pass start > 0. To resume an interrupted run:
+    the step to start from, the optimizer's saved state_dict, and `batches` positioned at that
+    step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint)."""
+    cfg = replace(cfg or sae.cfg)     # a validated copy: fields set after construction are checked too
     # cfg may change how to train, not what the SAE is: activate() and the losses read sae.cfg
     differ = [f for f in ("d_model", "n_latents", "kind", "k", "prefixes", "aux_k")
               if getattr(cfg, f) != getattr(sae.cfg, f)]
     if differ:
         raise ValueError(f"cfg and sae.cfg differ in {', '.join(differ)}: build the SAE from this cfg")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= cfg.steps:
+        raise ValueError(f"start must be a step in [0, steps={cfg.steps}], got start={start!r}")
     dev = sae.W_dec_FD.device
     if torch.is_autocast_enabled(dev.type):
         # autocast caches its bf16 copy of each weight until the context exits: around the whole
@@ -353,8 +372,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=dev.type == "cuda")
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    it = iter(batches)
-    log = []
+    it, log = iter(batches), []
     # The loop waits for the GPU only at log steps (and in aux_loss): no .item(), no `if tensor`,
     # no boolean indexing, so the CPU can queue the next step while the GPU runs this one.
     # A non-finite loss is therefore recorded on the device, and checked at the log steps.
@@ -365,50 +383,53 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     for step in pbar:
         try:
-            x = next(it)
+            x_BD = next(it)
         except StopIteration:
             raise ValueError(f"`batches` ran out after {step} of {cfg.steps} steps") from None
-        x = x.to(dev, sae.W_dec_FD.dtype)
-        sae.check(x)
+        x_BD = x_BD.to(dev, sae.W_dec_FD.dtype)
+        sae.check(x_BD)
+        B = x_BD.shape[0]
         if step == 0:
-            sae.b_dec_D.data.copy_(geometric_median(x))
+            sae.b_dec_D.data.copy_(geometric_median(x_BD))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
 
-        # ---- the loss. The TopK kinds keep their codes sparse: decode, the C²R norms a_F and
-        # the statistics below then touch the k*B kept values, never a dense [B, F] matrix.
+        # ---- the loss. relu has dense codes acts_BF; the TopK kinds keep theirs sparse, as the
+        # values vals_N of latents cols_N in samples rows_N (the k*B kept): decode, the C²R norms
+        # a_F and the statistics below touch those, never a dense [B, F] matrix.
         # (bf16: a fresh autocast each step, exited before backward, as autocast wants)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            pre = sae.pre_acts(x)
+            pre_BF = sae.pre_acts(x_BD)
             if cfg.kind == "relu":
-                acts = sae.activate(pre)                   # dense codes [B, F]
-                x_hat = sae.decode(acts)
-                a_F = torch.linalg.vector_norm(acts, dim=0)   # its gradient is 0 (not NaN) at a = 0
+                acts_BF = sae.activate(pre_BF)
+                x_hat_BD = sae.decode(acts_BF)
+                a_F = torch.linalg.vector_norm(acts_BF, dim=0)   # its gradient is 0 (not NaN) at a = 0
             else:
-                acts, rows, cols = sae.sparse_codes(pre)   # acts: the k*B kept values only
-                x_hat = sae.decode_sparse(acts, rows, cols, x.shape[0])
-                a_F = code_norms(acts, cols, cfg.n_latents)
-            recon = (x_hat - x).pow(2).sum(-1).mean()
+                vals_N, rows_N, cols_N = sae.sparse_codes(pre_BF)
+                x_hat_BD = sae.decode_sparse(vals_N, rows_N, cols_N, B)
+                a_F = code_norms(vals_N, cols_N, cfg.n_latents)
+            loss = recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
             if cfg.kind == "matryoshka":
-                # the mean over the nested prefixes, as the reference code does; the paper writes a sum,
-                # the same up to a constant factor (the number of prefixes). The last prefix, the whole
-                # dictionary, is `recon`, already decoded.
-                recon = torch.cat([prefix_losses(sae, x, acts, rows, cols, cfg.prefixes[:-1]), recon[None]]).mean()
-            loss = recon
+                # the mean over the nested prefixes, as the reference code (the paper's sum up to a constant
+                # factor, the number of prefixes); the last, the whole dictionary, is `recon`, already decoded
+                loss = torch.cat([prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, cfg.prefixes[:-1]),
+                                  recon[None]]).mean()
             if cfg.kind == "relu":
-                l1 = (acts * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
+                # plain L1 of the codes: the rows are unit norm, so the factor ||w_i|| is 1 up to rounding
+                # (kept so that runs repeat bit for bit; dropping it moves the toy's 3rd decimals)
+                l1 = (acts_BF * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
                 loss = loss + cfg.l1_coeff * ramp(step, cfg.l1_warmup, cfg.steps) * l1
             else:
-                dead = sae.tokens_since_fired > cfg.dead_tokens
-                loss = loss + cfg.aux_coeff * aux_loss(sae, x, x_hat, pre, dead)
-            c2r = None
+                dead_F = sae.tokens_since_fired > cfg.dead_tokens
+                loss = loss + cfg.aux_coeff * aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F)
+            c2r = None                                        # lambda = 0: no search, nothing logged
             if cfg.c2r_lambda > 0:
                 if step % cfg.nbr_every == 0 or (step == start and sae.nbr_F[0] < 0):
                     sae.nbr_F.copy_(nearest_neighbours(sae.W_dec_FD))
-                c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, cfg.c2r_alpha, unit_rows=True)
+                c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, alpha=cfg.c2r_alpha, unit_rows=True)
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         bad_loss |= ~torch.isfinite(loss)
-        bad_batch |= ~torch.isfinite(x).all()
+        bad_batch |= ~torch.isfinite(x_BD).all()
 
         # ---- the update: keep decoder rows on the unit sphere exactly
         opt.zero_grad(set_to_none=True)
@@ -423,9 +444,9 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
 
         # ---- statistics, here and nowhere else
         with torch.no_grad():
-            sae.tokens_since_fired.add_(x.shape[0]).masked_fill_(a_F > 0, 0)
+            sae.tokens_since_fired.add_(B).masked_fill_(a_F > 0, 0)
             if cfg.kind in ("batchtopk", "matryoshka"):   # EMA of the smallest code kept by BatchTopK
-                lo = acts.masked_fill(acts <= 0, float("inf")).min()      # inf: nothing fired, keep it
+                lo = vals_N.masked_fill(vals_N <= 0, float("inf")).min()    # inf: nothing fired, keep it
                 m = cfg.thr_momentum
                 ema = torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo)
                 sae.threshold.copy_(torch.where(lo.isinf(), sae.threshold, ema))
@@ -436,22 +457,22 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 raise FloatingPointError(f"non-finite loss between steps {checked} and {step}: {what}")
             checked = step + 1
             with torch.no_grad():
-                if c2r is None:
-                    c2r = c2r_penalty(a_F, sae.W_dec_FD, nearest_neighbours(sae.W_dec_FD), cfg.c2r_alpha)
-                row = dict(step=step, loss=loss.item(), fvu=fvu(x, x_hat).item(),
-                           l0=(acts > 0).sum().item() / x.shape[0],
-                           c2r=c2r.item(), dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum()))
-            log.append(row)
-            pbar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
-                             c2r=f"{row['c2r']:.3g}", dead=row["dead"])
+                on = (acts_BF if cfg.kind == "relu" else vals_N) > 0
+                log.append(dict(step=step, loss=loss.item(), fvu=fvu(x_BD, x_hat_BD).item(), l0=on.sum().item() / B,
+                                c2r=None if c2r is None else c2r.item(),
+                                dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum())))
+            pbar.set_postfix({k: v for k, v in log[-1].items() if k != "step" and v is not None})
         if on_step is not None:
             on_step(step, opt, log)
     sae.eval()
+    if start < cfg.steps and log[-1]["fvu"] > 1:
+        warnings.warn(f"the last step's FVU is {log[-1]['fvu']:.3g} > 1: the SAE reconstructs its batch worse "
+                      f"than the batch mean does (lr too high? c2r_lambda too large?)", stacklevel=2)
     return sae, log
 
 
 # -----------------------------------------------------------------------------
-# 4. Metrics and checkpoints
+# Metrics and checkpoints
 
 def fvu(x_BD, x_hat_BD):
     """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2."""
@@ -468,37 +489,112 @@ def dead_fraction(acts_NF):
     return ((acts_NF != 0).sum(0) == 0).float().mean()
 
 
+def remove_stale_tmp(folder):
+    """Delete the `*.tmp<pid>` files of writers killed mid-write (a live pid's may be being written:
+    it stays). POSIX only: there os.kill(pid, 0) asks whether pid exists; on Windows it kills."""
+    for name in os.listdir(folder) if os.name == "posix" else ():
+        m = re.fullmatch(r".+\.tmp(\d+)", name)
+        if m and int(m[1]) != os.getpid():
+            try:
+                os.kill(int(m[1]), 0)
+            except (ProcessLookupError, OverflowError):      # no such process: the writer is dead
+                with contextlib.suppress(OSError):            # gone already, or not ours to remove
+                    os.unlink(os.path.join(folder, name))
+            except PermissionError:                          # alive, another user's
+                pass
+
+
 def atomic_write(path, write):
     """write(tmp), then rename tmp onto path: a crash never leaves half a file behind. The temp
     file sits beside path, on the same filesystem, which is what makes os.replace atomic."""
+    remove_stale_tmp(os.path.dirname(os.path.abspath(path)))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "no space left on the device to write", str(path)) from None
         raise
 
 
+def digest(obj):
+    """sha256 of a checkpoint's contents (tensors' dtype, shape, bytes; other values' repr), stored by
+    save(), checked by load(): torch.load reads a damaged tensor without a word (no CRC check)."""
+    h = hashlib.sha256()
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(v, (dict, list, tuple)):
+            h.update(f"{type(v).__name__}{len(v)}".encode())
+            for key, u in v.items() if isinstance(v, dict) else enumerate(v):
+                h.update(repr(key).encode())
+                walk(u)
+        else:
+            h.update(repr(v).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
 def save(sae, path, **extra):
-    """Write atomically. Only tensors and plain Python values, so the checkpoint loads with
-    torch.load(weights_only=True): no pickled code runs when someone opens it."""
+    """Write atomically, with a checksum of the contents. Only tensors and plain Python values, so
+    the checkpoint loads with torch.load(weights_only=True): no pickled code runs when opened."""
     state = sae.state_dict()
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:     # train() checks the loss only at log steps: never let a NaN SAE overwrite a good file
         raise FloatingPointError(f"refusing to save an SAE whose {', '.join(bad)} contain NaN or inf")
     obj = dict(config=asdict(sae.cfg), state=state, **extra)
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    obj["sha256"] = digest(obj)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:     # a Python file: a full disk raises OSError(ENOSPC), not a bare RuntimeError
+            torch.save(obj, f)
+    atomic_write(path, write)
+
+
+def first_sentence(e):     # torch's messages run on for lines, with advice that does not apply here
+    return str(e).split(". ")[0].split("\n")[0][:200]
+
+
+def read_checkpoint(path, map_location):
+    """torch.load(path) for load(), with every way the file can be wrong as one line naming it."""
+    def refuse(why):
+        return ValueError(f"cannot load {path}: {why}")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise refuse("the file is empty")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise                                      # these name the file already
+    except pickle.UnpicklingError:
+        raise refuse("not a c2r checkpoint (it is not a torch.save archive of tensors and plain values)") from None
+    except Exception as e:
+        raise refuse(f"truncated or damaged ({type(e).__name__}: {first_sentence(e)})") from None
+    if not isinstance(obj, dict) or not {"config", "state"} <= obj.keys():
+        raise refuse("not a c2r checkpoint (no config and state in it)")
+    want = obj.pop("sha256", None)
+    if want is None:
+        warnings.warn(f"{path} has no checksum (written before c2r.save stored one): not verified", stacklevel=3)
+    elif digest(obj) != want:
+        raise refuse("corrupt: its contents do not match the checksum stored with them")
+    return obj
 
 
 def load(path, map_location="cpu"):
-    """Returns (sae, extra): the SAE in eval mode, and whatever else save() was given."""
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    names = {f.name for f in fields(Config)}
-    cfg = Config(**{k: v for k, v in obj.pop("config").items() if k in names})
-    state = obj.pop("state")
-    # on map_location's device and in the saved dtype: load_state_dict alone would copy into a CPU fp32 SAE
-    sae = SAE(cfg).to(state["W_dec_FD"].device, state["W_dec_FD"].dtype)
-    sae.load_state_dict(state)
+    """Returns (sae, extra): the SAE in eval mode, and whatever else save() was given. A file that
+    is not a sound c2r checkpoint raises one ValueError naming it and what is wrong."""
+    obj = read_checkpoint(path, map_location)
+    try:
+        cfg = Config(**{k: v for k, v in obj.pop("config").items() if k in {f.name for f in fields(Config)}})
+        state = obj.pop("state")
+        # on map_location's device and in the saved dtype: load_state_dict alone would copy into a CPU fp32 SAE
+        sae = SAE(cfg).to(state["W_dec_FD"].device, state["W_dec_FD"].dtype)
+        sae.load_state_dict(state)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"cannot load {path}: its config or weights do not make an SAE "
+                         f"({type(e).__name__}: {first_sentence(e)})") from None
     return sae.eval(), obj

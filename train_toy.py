@@ -2,7 +2,7 @@
 C²R on a toy where splitting and absorption can be measured exactly.
 
     python train_toy.py                  # baseline vs C²R: relu, topk, batchtopk, 3 seeds, < 60 s on 2 cores
-    python train_toy.py --kind topk --lam 0.1 --seeds 0 1 2 3 4
+    python train_toy.py --kind topk --c2r-lambda 0.1 --seeds 0 1 2 3 4
 
 The data are sums of known feature directions with known activations:
   - hierarchical families: a child can fire only when its parent fires. An SAE with a
@@ -15,7 +15,10 @@ Every metric below is computed against the ground truth; README.md gives the for
 """
 
 import argparse
+import math
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -209,43 +212,42 @@ def stability(W_a_FD, W_b_FD, alive_a=None, alive_b=None, thr=0.9):
 # the experiment
 
 DEFAULT_LAM = dict(relu=0.1, topk=0.1, batchtopk=0.2, matryoshka=0.2)   # C²R lambda; matryoshka: BatchTopK's
-DEFAULT_L1 = 0.3
 
 
-def matryoshka_prefixes(width):
-    """Nested prefixes at 1/16, 1/8, 1/4, 1/2 and all of the dictionary: Bussmann et al.'s
-    groups of sizes F/16, F/16, F/8, F/4, F/2."""
-    return tuple(sorted({max(1, width // d) for d in (16, 8, 4, 2, 1)}))
+def matryoshka_prefixes(n_latents):
+    """Nested prefixes F/16, F/8, F/4, F/2, F: Bussmann et al.'s groups of F/16, F/16, F/8, F/4, F/2."""
+    return tuple(sorted({max(1, n_latents // d) for d in (16, 8, 4, 2, 1)}))
 
 
-def run(kind, lam, seed, args, toy, sae_seed=None, full=False):
-    """Train one SAE on the toy whose ground truth is drawn with `seed`. sae_seed (default: seed)
-    sets the SAE's init and the order of the training data: a second sae_seed on the same toy is
-    the 'same SAE, another run' of the stability measurement. full=True also returns the SAE's
-    decoder and which latents fire on the evaluation set."""
+def config(kind, lam, seed, args, toy):
+    """One run's c2r.Config (the flags carry its field names); check() builds every run's first."""
+    return c2r.Config(d_model=toy.d_model, n_latents=args.n_latents, kind=kind, k=args.k, l1_coeff=args.l1_coeff,
+                      prefixes=matryoshka_prefixes(args.n_latents) if kind == "matryoshka" else (),
+                      c2r_lambda=lam, c2r_alpha=args.c2r_alpha, steps=args.steps, lr=args.lr,
+                      dead_tokens=args.batch * 200, nbr_every=args.nbr_every, seed=seed)
+
+
+def run(kind, lam, seed, args, toy, sae_seed=None):
+    """Train one SAE on the toy drawn with `seed` -> (metrics, decoder, which latents fire on the
+    evaluation set). sae_seed (default: seed) sets the SAE's init and data order: another sae_seed
+    on the same toy is the 'same SAE, another run' of the stability measurement."""
     sae_seed = seed if sae_seed is None else sae_seed
     data = ToyData(Toy(**{**toy.__dict__, "seed": seed}))
-    cfg = c2r.Config(d_model=toy.d_model, n_latents=args.width, kind=kind, k=args.k, l1_coeff=args.l1,
-                     prefixes=matryoshka_prefixes(args.width) if kind == "matryoshka" else (),
-                     c2r_lambda=lam, c2r_alpha=args.alpha, steps=args.steps, lr=args.lr,
-                     dead_tokens=args.batch * 200, nbr_every=args.nbr_every, seed=sae_seed)
     torch.manual_seed(sae_seed)
-    sae, _ = c2r.train(c2r.SAE(cfg), data.batches(args.batch, sae_seed), progress=False)
+    sae = c2r.SAE(config(kind, lam, sae_seed, args, toy))
+    sae, _ = c2r.train(sae, data.batches(args.batch, sae_seed), progress=False)
     x, f = data.sample(args.n_eval, torch.Generator().manual_seed(10_000 + seed))
-    m = evaluate(sae, data, x, f)
-    if not full:
-        return m
     with torch.no_grad():
-        return m, sae.W_dec_FD.detach().clone(), (sae.encode(x) > 0).any(0)
+        return evaluate(sae, data, x, f), sae.W_dec_FD.detach().clone(), (sae.encode(x) > 0).any(0)
 
 
 def run_job(job):
     """One (kind, lam, seed, args, toy) job -> metrics; with args.stability, the run's twin
     (same toy, another SAE seed and data order) is trained too and the two are matched."""
     kind, lam, seed, args, toy = job
-    m, W_a, alive_a = run(kind, lam, seed, args, toy, full=True)
+    m, W_a, alive_a = run(kind, lam, seed, args, toy)
     if args.stability:
-        _, W_b, alive_b = run(kind, lam, seed, args, toy, sae_seed=1000 + seed, full=True)
+        _, W_b, alive_b = run(kind, lam, seed, args, toy, sae_seed=1000 + seed)
         m["stab09"], m["stab_cos"], m["stab09_n"] = stability(W_a, W_b, alive_a, alive_b)
         # chance: the same statistic for unrelated random dictionaries of the same live sizes
         g = torch.Generator().manual_seed(seed)
@@ -256,38 +258,56 @@ def run_job(job):
 
 def run_all(jobs, n_jobs):
     """Run jobs in order, or over n_jobs worker processes (spawned: a fresh torch each) with one
-    thread each, so N workers share N cores without fighting over them."""
-    if n_jobs <= 1:
-        return [run_job(j) for j in jobs]
-    import multiprocessing as mp
-    pool = mp.get_context("spawn").Pool(n_jobs, initializer=torch.set_num_threads, initargs=(1,))
+    thread each, so N workers share N cores without fighting over them. imap, not map: a job is
+    reported once it and those before it are done, and the results keep the jobs' order."""
+    pool, t0, out, every = None, time.time(), [], -(-len(jobs) // 20)    # about 20 lines at most
+    if n_jobs > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("spawn").Pool(n_jobs, initializer=torch.set_num_threads, initargs=(1,))
     try:
-        return pool.map(run_job, jobs, chunksize=1)
+        for (kind, lam, seed, a, _), m in zip(jobs, pool.imap(run_job, jobs) if pool else map(run_job, jobs)):
+            out.append(m)     # on stderr, so that stdout holds the table alone
+            what = f"{kind} {f'l1-coeff {a.l1_coeff:g}' if kind == 'relu' else f'k {a.k}'} λ {lam:g} seed {seed}"
+            if not m["fvu"] <= 1:                      # NaN too
+                print(f"warning: {what}: final FVU {m['fvu']:.3f} > 1, worse than predicting the mean", file=sys.stderr)
+            if len(out) % every == 0 or len(out) == len(jobs):
+                print(f"[{len(out):{len(str(len(jobs)))}}/{len(jobs)}] {what}: absorb {m['absorb']:.3f} split "
+                      f"{m['split']:.3f} fvu {m['fvu']:.3f}  {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
-        pool.close()     # let the workers exit on their own: terminate() would leak their locks
-        pool.join()
+        if pool:
+            pool.close()     # let the workers exit on their own: terminate() would leak their locks
+            pool.join()
+    return out
 
 
-COLS = ["absorb", "absorb_full", "split", "recov", "recov09", "fvu", "l0", "dead"]
+COLS = ["absorb", "absorb_full", "split", "recov09", "fvu", "l0", "dead"]   # "recov" is in rows, not printed
+LEGEND = "absorb(_full): partial (full) absorption; split: latents per feature; recov09: features at cos≥.9"
 STAB_COLS = ["stab09", "stab09_n", "stab_cos", "chance_cos"]
+STAB_LEGEND = "stab09(_n): share (number) matched at cos≥.9 by a 2nd run; stab_cos: mean cos; chance_cos: random"
 
 
-def table(rows, cols=COLS, names=("kind", "lambda")):
-    """rows: {(kind, lam): [metrics per seed]} -> printed mean ± std table."""
-    head = " ".join(f"{n:>10}" for n in names) + " " + " ".join(f"{c:>15}" for c in cols)
-    lines = [head, "-" * len(head)]
-    for key, ms in rows.items():
-        cells = []
-        for c in cols:
-            v = np.array([m[c] for m in ms])
-            cells.append(f"{v.mean():7.3f} ± {v.std():5.3f}")
-        lines.append(" ".join(f"{k:>10}" if isinstance(k, str) else f"{k:>10g}" for k in key) + " "
-                     + " ".join(f"{s:>15}" for s in cells))
-    return "\n".join(lines)
+def table(rows, cols=COLS, names=("kind", "λ"), group=0):
+    """rows: {key: [metrics per seed]} -> a line per key, each metric as mean±std over the seeds.
+    group=n: the first n parts of the key become a title line above their rows, not a column."""
+    keys = [[k if isinstance(k, str) else f"{k:g}" for k in key[group:]] for key in rows]
+    cells = [[f"{np.mean([m[c] for m in ms]):.3f}±{np.std([m[c] for m in ms]):.3f}" for c in cols]
+             for ms in rows.values()]
+    wk = [max(map(len, c)) for c in zip(names, *keys)]          # each column as wide as its widest cell
+    wc = [max(map(len, c)) for c in zip(cols, *cells)]
+
+    def line(ks, cs):
+        return " ".join(f"{k:<{w}}" for k, w in zip(ks, wk)) + " " + " ".join(f"{c:>{w}}" for c, w in zip(cs, wc))
+    out, title = [line(names, cols), "-" * len(line(names, cols))], None
+    for key, ks, cs in zip(rows, keys, cells):
+        if group and key[:group] != title:
+            title = key[:group]
+            out.append(", ".join(map(str, title)) + ":")
+        out.append(line(ks, cs))
+    return "\n".join(out)
 
 
 # -----------------------------------------------------------------------------
-# --compare: baseline, C²R, Matryoshka, Matryoshka + C²R side by side, on two toys
+# the grids: the default, --compare (Matryoshka too, on two toys) and --sweep (trade-off curves)
 
 # in the spirit of Nabeshima's Matryoshka toy (github.com/noanabeshima/matryoshka-saes, tree.json):
 # 3 parents (p=0.15), each with 3 mutually exclusive children (p=0.2 each given the parent, so
@@ -295,60 +315,42 @@ def table(rows, cols=COLS, names=("kind", "lambda")):
 # in 20 dimensions. Its SAE: 40 latents, k=2 (the toy has 1.1 active features per sample, ours 3.4).
 NABESHIMA = Toy(d_model=20, n_parents=3, n_children=3, n_indep=8, p_parent=0.15, p_child=0.6,
                 p_indep=0.05, mag_lo=1.0, mag_hi=1.0)
-NABESHIMA_SAE = dict(width=40, k=2)
+NABESHIMA_SAE = dict(n_latents=40, k=2)
 
 
-def compare(args):
-    settings = [("ours", Toy(), {}), ("nabeshima", NABESHIMA, NABESHIMA_SAE)]
-    keys, jobs = [], []
-    for name, toy, over in settings:
-        a = argparse.Namespace(**{**vars(args), **over, "stability": True})
-        for kind in ("batchtopk", "matryoshka"):
-            for lam in (0.0, DEFAULT_LAM[kind] if args.lam is None else args.lam):
-                keys.append((name, kind, lam))
-                jobs += [(kind, lam, s, a, toy) for s in args.seeds]
-    res = iter(run_all(jobs, args.jobs))
-    rows = {key: [next(res) for _ in args.seeds] for key in keys}
-    out = []
-    for name, *_ in settings:
-        sub = {key[1:]: ms for key, ms in rows.items() if key[0] == name}
-        out += [f"toy: {name}", table(sub), table(sub, STAB_COLS), ""]
-    return rows, "\n".join(out)
-
-
-# -----------------------------------------------------------------------------
-# --sweep: whole trade-off curves, absorption and splitting against FVU
-
-def sweep_grid(args):
-    """(method, knob name, knob value, kind, lam, overrides): each method's sparsity knob around
-    the defaults (k for the TopK kinds, the L1 coefficient for ReLU), and C²R across lambda at
-    the default k. BatchTopK fixes L0 = k, so '+ C²R' at the same k is C²R at matched L0."""
-    lam = {kind: DEFAULT_LAM[kind] if args.lam is None else args.lam for kind in DEFAULT_LAM}
+def grid(args):
+    """[(key, kind, lam, flags it overrides, toy)]. Default: baseline and C²R, per kind. --compare: the
+    same for batchtopk and matryoshka on two toys, each run twice (stability). --sweep: each method's
+    sparsity knob (k; L1 for ReLU) and C²R's lambda at the default k, key = (method, knob, value).
+    BatchTopK fixes L0 = k, so '+ C²R' at the same k is C²R at matched L0."""
+    lam = {kind: DEFAULT_LAM[kind] if args.c2r_lambda is None else args.c2r_lambda for kind in DEFAULT_LAM}
+    if args.compare:
+        return [((name, kind, l), kind, l, {**over, "stability": True}, toy)
+                for name, toy, over in [("toy ours", Toy(), {}), ("toy nabeshima", NABESHIMA, NABESHIMA_SAE)]
+                for kind in ("batchtopk", "matryoshka") for l in (0.0, lam[kind])]
+    if not args.sweep:
+        kinds = ("relu", "topk", "batchtopk") if args.kind == "all" else [args.kind]   # matryoshka: --compare
+        return [((kind, l), kind, l, {}, Toy()) for kind in kinds for l in (0.0, lam[kind])]
     ks = sorted({max(1, round(args.k * f)) for f in (0.5, 0.75, 1, 1.5, 2)})
-    grid = []
-    for method, kind, l in [("BatchTopK", "batchtopk", 0.0), ("BatchTopK+C2R", "batchtopk", lam["batchtopk"]),
-                            ("Matryoshka", "matryoshka", 0.0), ("Matryoshka+C2R", "matryoshka", lam["matryoshka"])]:
-        grid += [(method, "k", k, kind, l, dict(k=k)) for k in ks]
-    grid += [("C2R-lambda", "lambda", lam["batchtopk"] * f, "batchtopk", lam["batchtopk"] * f, {})
-             for f in (0.1, 0.3, 1, 3, 10)]
-    grid += [("ReLU", "l1", args.l1 * f, "relu", 0.0, dict(l1=args.l1 * f)) for f in (0.25, 0.5, 1, 2, 4)]
-    grid += [("ReLU+C2R", "l1", args.l1 * f, "relu", lam["relu"], dict(l1=args.l1 * f))
-             for f in (0.25, 0.5, 1, 2, 4)]
-    return grid
-
-
-SWEEP_PANELS = [("absorb", "absorption"), ("absorb_full", "full absorption"), ("split", "splitting")]
+    out = [((method, "k", k), kind, l, dict(k=k), Toy()) for method, kind, l in
+           [("BatchTopK", "batchtopk", 0.0), ("BatchTopK+C2R", "batchtopk", lam["batchtopk"]),
+            ("Matryoshka", "matryoshka", 0.0), ("Matryoshka+C2R", "matryoshka", lam["matryoshka"])] for k in ks]
+    out += [(("C2R-lambda", "c2r-lambda", lam["batchtopk"] * f), "batchtopk", lam["batchtopk"] * f, {}, Toy())
+            for f in (0.1, 0.3, 1, 3, 10)]
+    return out + [((method, "l1-coeff", args.l1_coeff * f), "relu", l, dict(l1_coeff=args.l1_coeff * f), Toy())
+                  for method, l in (("ReLU", 0.0), ("ReLU+C2R", lam["relu"])) for f in (0.25, 0.5, 1, 2, 4)]
 
 
 def plot_sweep(rows, path):
     """One curve per method: each metric against FVU, mean ± std over seeds. Needs matplotlib."""
+    panels = [("absorb", "absorption"), ("absorb_full", "full absorption"), ("split", "splitting")]
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods = list(dict.fromkeys(key[0] for key in rows))
-    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(13, 4.6))
-    for ax, (col, title) in zip(axes, SWEEP_PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4.6))
+    for ax, (col, title) in zip(axes, panels):
         for i, method in enumerate(methods):
             pts = [(key, ms) for key, ms in rows.items() if key[0] == method]
             x = np.array([[m["fvu"] for m in ms] for _, ms in pts])
@@ -370,65 +372,76 @@ def plot_sweep(rows, path):
     plt.close(fig)
 
 
-def sweep(args):
-    """Returns (rows, table text); writes the table to args.out + '.txt' and, where matplotlib is
-    installed, the figure to args.out + '.png'."""
-    grid = sweep_grid(args)
-    jobs = [(kind, lam, s, argparse.Namespace(**{**vars(args), **over, "stability": False}), Toy())
-            for _, _, _, kind, lam, over in grid for s in args.seeds]
-    res = iter(run_all(jobs, args.jobs))
-    rows = {(method, name, v): [next(res) for _ in args.seeds] for method, name, v, *_ in grid}
-    text = table(rows, names=("method", "knob", "value"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    try:
-        plot_sweep(rows, args.out + ".png")
-    except ImportError:
-        print("matplotlib is not installed: table only (pip install matplotlib for the figure)")
-    return rows, text
-
-
 def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", default="all", choices=["all", *c2r.KINDS])
-    ap.add_argument("--lam", type=float, default=None, help="C²R lambda (default: per kind, see DEFAULT_LAM)")
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--width", type=int, default=80, help="SAE latents")
+    ap.add_argument("--kind", default="all", choices=["all", *c2r.KINDS], help="all: relu, topk and batchtopk")
+    ap.add_argument("--c2r-lambda", type=float, default=None, help="C²R weight λ (default: per kind, DEFAULT_LAM)")
+    ap.add_argument("--c2r-alpha", type=float, default=1.0, help="C²R exponent α")
+    ap.add_argument("--n-latents", type=int, default=80, help="SAE latents")
     ap.add_argument("--k", type=int, default=4, help="topk / batchtopk k")
-    ap.add_argument("--l1", type=float, default=DEFAULT_L1, help="relu L1 coefficient")
+    ap.add_argument("--l1-coeff", type=float, default=0.3, help="relu L1 coefficient")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--n-eval", type=int, default=8192)
+    ap.add_argument("--n-eval", type=int, default=8192, help="held-out samples the metrics are computed on")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="C²R neighbour refresh every R steps")
     ap.add_argument("--sweep", action="store_true", help="trade-off curves: every method across its knob")
-    ap.add_argument("--compare", action="store_true",
-                    help="baseline, C²R, Matryoshka, Matryoshka + C²R on two toys, with cross-run stability")
+    ap.add_argument("--compare", action="store_true", help="BatchTopK, Matryoshka ± C²R on 2 toys, with stability")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    ap.add_argument("--out", default="figures/sweep", help="--sweep writes OUT.txt and OUT.png")
+    ap.add_argument("--out", default="results/sweep", help="--sweep writes OUT.txt and OUT.png")
     ap.set_defaults(stability=False)
     return ap
 
 
+def check(ap, args, jobs):
+    """Every flag and every run's c2r.Config, before any work: a mistake found after minutes of
+    training costs those minutes (an unwritable --out: the whole sweep). Exits with status 2."""
+    for name in "n_latents k steps batch n_eval nbr_every jobs lr c2r_alpha c2r_lambda l1_coeff".split():
+        v, zero_ok = getattr(args, name), name in ("c2r_lambda", "l1_coeff")
+        if v is not None and not (math.isfinite(v) and (v >= 0 if zero_ok else v > 0)):   # NaN fails both
+            ap.error(f"--{name.replace('_', '-')} must be {'>=' if zero_ok else '>'} 0, got {v}")
+    if len(set(args.seeds)) < len(args.seeds):     # the std over seeds would count one run twice
+        ap.error(f"--seeds repeats a seed: {' '.join(map(str, args.seeds))}")
+    for kind, lam, s, a, toy in jobs:              # what Config checks besides (the sweep's k reach 2 * --k)
+        try:
+            config(kind, lam, s, a, toy)
+        except ValueError as e:
+            ap.error(f"{kind}, c2r-lambda {lam:g}, n-latents {a.n_latents}, k {a.k}"
+                     f"{' (--sweep runs k from --k / 2 to 2 * --k)' if args.sweep else ''}: {e}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    try:                                           # --sweep writes its table after the last SAE: try now
+        if args.sweep:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        ap.error(f"--out {args.out}: cannot write in {folder} ({e})")
+
+
 def main(argv=None):
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    plan = grid(args)
+    jobs = [(kind, lam, s, argparse.Namespace(**{**vars(args), **over}), toy) for _, kind, lam, over, toy in plan
+            for s in args.seeds]
+    check(ap, args, jobs)
     torch.set_num_threads(1)   # the toy's matrices are tiny: more threads only add overhead
     t0 = time.time()
-    if args.sweep or args.compare:
-        rows, text = sweep(args) if args.sweep else compare(args)
-    else:   # the default: baseline and C²R at its default lambda, per kind (matryoshka: --compare)
-        keys, jobs = [], []
-        for kind in (("relu", "topk", "batchtopk") if args.kind == "all" else [args.kind]):
-            for lam in (0.0, DEFAULT_LAM[kind] if args.lam is None else args.lam):
-                keys.append((kind, lam))
-                jobs += [(kind, lam, s, args, Toy()) for s in args.seeds]
-        res = iter(run_all(jobs, args.jobs))
-        rows = {key: [next(res) for _ in args.seeds] for key in keys}
-        text = table(rows)
+    res = iter(run_all(jobs, args.jobs))
+    rows = {key: [next(res) for _ in args.seeds] for key, *_ in plan}
+    text = table(rows, names=("value",), group=2) if args.sweep else table(rows, group=int(args.compare))
+    text += "\n" + LEGEND
+    if args.compare:
+        text += "\n\n" + table(rows, STAB_COLS, group=1) + "\n" + STAB_LEGEND
     print(text)
-    print(f"{len(args.seeds)} seeds, {args.jobs} jobs, {time.time() - t0:.1f} s")
+    print(f"mean±std over {len(args.seeds)} seeds, {args.jobs} jobs, {time.time() - t0:.1f} s")
+    if args.sweep:
+        with open(args.out + ".txt", "w") as f:
+            f.write(text + "\n")
+        try:
+            plot_sweep(rows, args.out + ".png")
+        except ImportError:
+            print("matplotlib is not installed: table only (pip install matplotlib for the figure)", file=sys.stderr)
     return rows
 
 

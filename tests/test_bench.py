@@ -6,19 +6,20 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
+from conftest import c2r_reference
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import bench  # noqa: E402
-import c2r  # noqa: E402
 
 
 def test_bench_runs_tiny(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--threads", "1", "--d-model", "16",
-                        "--latents", "64", "--batch", "32", "--k", "4", "--steps", "2", "--warmup", "1",
+                        "--n-latents", "64", "--batch", "32", "--k", "4", "--steps", "2", "--warmup", "1",
                         "--nbr-every", "2", "--c2r-latents", "64", "--out", str(out),
                         "--rows", "ours + C²R", "dense + chunked C²R"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -34,4 +35,14 @@ def test_chunked_c2r_with_one_chunk_is_c2r():
     g = torch.Generator().manual_seed(0)
     acts = F.relu(torch.randn(16, 40, generator=g, dtype=torch.float64))
     W = torch.randn(40, 8, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(bench.chunked_c2r(acts, W, 1.0), c2r.c2r_loss(acts, W))
+    torch.testing.assert_close(bench.chunked_c2r(acts, W, alpha=1.0), c2r_reference(acts, W))
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch", "0"], ["--k", "0"], ["--nbr-every", "0"],
+                                  ["--d-model", "0"], ["--c2r-reps", "0"], ["--warmup", "-1"],
+                                  ["--n-latents", "1"], ["--c2r-latents", "64", "0"]])
+def test_bad_flags_stop_at_once(argv, capsys):
+    """An explicit 0 used to be taken for 'not given' (`a.steps or 10`) and quietly replaced."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse(["--device", "cpu", *argv])
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err

@@ -4,39 +4,15 @@ import dataclasses
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import c2r
+from conftest import c2r_reference, neighbours_reference
 
 torch.set_num_threads(1)
-
-
-def c2r_naive(acts_BF, W_dec_FD, alpha=1.0):
-    """The definition, written as plainly as possible: python loops, O(n^2)."""
-    n = W_dec_FD.shape[0]
-    a = [math.sqrt(sum(float(v) ** 2 for v in acts_BF[:, i])) for i in range(n)]
-    total = 0.0
-    for i in range(n):
-        best, j = -2.0, None
-        for jj in range(n):
-            if jj != i:
-                c = float(F.cosine_similarity(W_dec_FD[i], W_dec_FD[jj], dim=0))
-                if c > best:
-                    best, j = c, jj
-        total += (a[i] + a[j]) ** alpha * max(best, 0.0) ** 2
-    return total / n
-
-
-def c2r_dense(acts_BF, W_dec_FD, alpha=1.0):
-    """The definition with the full n x n cosine matrix (differentiable, for gradients)."""
-    W = F.normalize(W_dec_FD, dim=1)
-    cos = W @ W.T
-    cos = cos - torch.diag(torch.full((W.shape[0],), float("inf"), dtype=W.dtype))
-    best, j = cos.max(1)
-    a = acts_BF.norm(dim=0)
-    return ((a + a[j.detach()]) ** alpha * best.clamp(min=0) ** 2).mean()
 
 
 def rand_case(n=40, d=6, B=16, seed=0, dtype=torch.float64, p=0.4):
@@ -51,19 +27,18 @@ def rand_case(n=40, d=6, B=16, seed=0, dtype=torch.float64, p=0.4):
 
 @pytest.mark.parametrize("n,block", [(30, 2048), (50, 16), (67, 8)])   # below / above the block size
 @pytest.mark.parametrize("alpha", [1.0, 2.0, 0.5])
-def test_loss_matches_naive(n, block, alpha):
+def test_loss_matches_reference(n, block, alpha):
     acts, W = rand_case(n=n, seed=n)
-    got = c2r.c2r_loss(acts, W, alpha, block=block).item()
-    assert got == pytest.approx(c2r_naive(acts, W, alpha), rel=1e-10)
+    want = c2r_reference(acts, W, alpha).item()
+    assert c2r.c2r_loss(acts, W, alpha=alpha).item() == pytest.approx(want, rel=1e-10)
+    nbr = c2r.nearest_neighbours(W, block=block)
+    assert c2r.c2r_loss(acts, W, alpha=alpha, nbr_F=nbr).item() == pytest.approx(want, rel=1e-10)
 
 
 def test_neighbours_exact_across_blocks():
     W = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
-    Wn = F.normalize(W, dim=1)
-    cos = Wn @ Wn.T
-    cos.fill_diagonal_(-float("inf"))
-    for block in (7, 64, 300, 4096):
-        assert torch.equal(c2r.nearest_neighbours(W, block=block), cos.argmax(1))
+    for block in (1, 5, 7, 64, 300, 4096):
+        assert torch.equal(c2r.nearest_neighbours(W, block=block), neighbours_reference(W))
 
 
 def test_neighbours_ties_go_to_the_lowest_index():
@@ -75,6 +50,7 @@ def test_neighbours_ties_go_to_the_lowest_index():
     assert (cos == cos.max(1, keepdim=True).values).sum(1).gt(1).any()      # the case has ties
     for block in (1, 3, 7, 40):
         assert torch.equal(c2r.nearest_neighbours(W, block=block), cos.argmax(1))
+        assert torch.equal(c2r.nearest_neighbours(W, block=block), neighbours_reference(W))
 
 
 def test_loss_zero_for_orthogonal_decoder():
@@ -93,6 +69,7 @@ def test_loss_by_hand():
     want = ((5 + 1) * 0.25 + (1 + 5) * 0.25 + 0) / 3
     assert c2r.c2r_loss(acts, W).item() == pytest.approx(want)
     assert c2r.c2r_loss(acts, W, alpha=2.0).item() == pytest.approx((36 * 0.25 * 2) / 3)
+    assert c2r_reference(acts, W).item() == pytest.approx(want)          # the reference, checked by hand too
     # the scale of a decoder row does not matter, only its direction
     assert c2r.c2r_loss(acts, W * torch.tensor([[3.0], [0.1], [7.0]], dtype=torch.float64)).item() == pytest.approx(want)
 
@@ -109,16 +86,17 @@ def test_gradcheck(alpha):
     acts.requires_grad_(True)
     W.requires_grad_(True)
     nbr = c2r.nearest_neighbours(W)                                 # held fixed, as in training
-    assert torch.autograd.gradcheck(lambda a, w: c2r.c2r_loss(a, w, alpha, nbr_F=nbr), (acts, W))
+    assert torch.autograd.gradcheck(lambda a, w: c2r.c2r_loss(a, w, alpha=alpha, nbr_F=nbr), (acts, W))
+    assert torch.autograd.gradcheck(lambda a, w: c2r_reference(a, w, alpha), (acts, W))
 
 
 def test_gradients_match_dense_reference():
     acts, W = rand_case(n=45, seed=5)
-    for alpha in (1.0, 2.0):
+    for alpha in (1.0, 2.0, 0.5):
         a1, w1 = acts.clone().requires_grad_(), W.clone().requires_grad_()
         a2, w2 = acts.clone().requires_grad_(), W.clone().requires_grad_()
-        c2r.c2r_loss(a1, w1, alpha, block=16).backward()
-        c2r_dense(a2, w2, alpha).backward()
+        c2r.c2r_loss(a1, w1, alpha=alpha).backward()
+        c2r_reference(a2, w2, alpha).backward()
         torch.testing.assert_close(a1.grad, a2.grad)
         torch.testing.assert_close(w1.grad, w2.grad)
 
@@ -128,7 +106,7 @@ def test_gradient_finite_with_silent_latents():
     acts[:, :5] = 0                                                 # silent pairs: a_i + a_j = 0
     for alpha in (0.5, 1.0, 2.0):
         a, w = acts.clone().requires_grad_(), W.clone().requires_grad_()
-        c2r.c2r_loss(a, w, alpha).backward()
+        c2r.c2r_loss(a, w, alpha=alpha).backward()
         assert torch.isfinite(a.grad).all() and torch.isfinite(w.grad).all()
 
 
@@ -141,13 +119,16 @@ def test_penalty_on_unit_rows_skips_normalize_exactly():
     grads = []
     for unit in (False, True):
         w = W.clone().requires_grad_()
-        val = c2r.c2r_penalty(a, w, nbr, 1.0, unit_rows=unit)
+        val = c2r.c2r_penalty(a, w, nbr, unit_rows=unit)
         val.backward()
         grads.append((val.detach(), w.grad - (w.grad * W).sum(1, keepdim=True) * W, w.grad))
     (v0, g0, raw0), (v1, g1, raw1) = grads
     torch.testing.assert_close(v1, v0, rtol=1e-12, atol=0)
     torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
     assert (raw1 - raw0).abs().max() > 1e-3          # the raw gradients do differ: the radial part
+    # and rows off the unit sphere make unit_rows=True silently wrong: dot products taken for cosines
+    W3 = W * 3
+    assert c2r.c2r_penalty(a, W3, nbr, unit_rows=True) > 8 * c2r.c2r_penalty(a, W3, nbr)
 
 
 def test_loss_bad_input():
@@ -156,15 +137,38 @@ def test_loss_bad_input():
         c2r.c2r_loss(acts, W[:9])
     with pytest.raises(ValueError, match=r"\[B, F\]"):
         c2r.c2r_loss(acts[0], W)
-    bad = acts.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        c2r.c2r_loss(bad, W)
-    bad[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="inf"):
-        c2r.c2r_loss(bad, W)
-    with pytest.raises(ValueError, match="alpha"):
-        c2r.c2r_loss(acts, W, alpha=-1.0)
+    for alpha in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            c2r.c2r_loss(acts, W, alpha=alpha)
+    # the old positional call c2r_loss(acts, W, nbr) died on "Boolean value of Tensor ... ambiguous"
+    with pytest.raises(TypeError, match="positional"):
+        c2r.c2r_loss(acts, W, c2r.nearest_neighbours(W))
+
+
+def test_loss_does_not_read_values():
+    """c2r_loss checks shapes, never values (a host read per call is a GPU sync, and isfinite a
+    full pass over [B, F]): a NaN code gives a NaN loss, as it does in train(), for the caller."""
+    acts, W = rand_case(n=10)
+    acts[0, 0] = float("nan")
+    assert torch.isnan(c2r.c2r_loss(acts, W))
+
+
+def test_penalty_refuses_a_bad_table():
+    acts, W = rand_case(n=10)
+    a = torch.linalg.vector_norm(acts, dim=0)
+    nbr = c2r.nearest_neighbours(W)
+    assert c2r.c2r_penalty(a, W, nbr).item() == pytest.approx(c2r_reference(acts, W).item())
+    never_searched = c2r.SAE(c2r.Config(d_model=6, n_latents=10, k=2)).nbr_F          # all -1
+    for bad in (never_searched, torch.full((10,), 10), nbr.clone().index_fill_(0, torch.tensor([3]), -1)):
+        with pytest.raises(RuntimeError, match=r"outside \[0, n_latents\)"):
+            c2r.c2r_penalty(a, W, bad)
+    with pytest.raises(ValueError, match=r"nbr_F \[F\]"):
+        c2r.c2r_penalty(a, W, nbr[:9])
+    with pytest.raises(ValueError, match=r"a_F \[F\]"):
+        c2r.c2r_penalty(a[:9], W, nbr)
+    for dtype in (torch.float32, torch.int32, torch.bool):
+        with pytest.raises(TypeError, match="int64"):
+            c2r.c2r_penalty(a, W, nbr.to(dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -253,14 +257,14 @@ def test_dead_latents_counted_and_aux_loss():
     assert aux > 0 and torch.isfinite(aux)
 
 
-def test_c2r_in_training_equals_c2r_loss():
-    """The value logged by train() is c2r_loss of that step's codes and decoder."""
+def test_c2r_in_training_equals_the_reference():
+    """The value logged by train() is C²R of that step's codes and decoder."""
     sae = make("batchtopk", c2r_lambda=1.0, steps=1, log_every=1, lr=1e-12, clip_grad=0)
     x = next(batches())
     sae.train()
     sae.b_dec_D.data.copy_(c2r.geometric_median(x))
     _, acts, _ = sae(x)
-    want = c2r.c2r_loss(acts, sae.W_dec_FD).item()
+    want = c2r_reference(acts, sae.W_dec_FD).item()
     _, log = c2r.train(sae, iter([x]), progress=False)
     assert log[0]["c2r"] == pytest.approx(want, rel=1e-5)
 
@@ -274,9 +278,71 @@ def test_bad_config():
         c2r.Config(kind="gated")
     for bad, what in [(dict(warmup=-0.1), "warmup"), (dict(decay=1.5), "decay"), (dict(c2r_warmup=2.0), "c2r_warmup"),
                       (dict(warmup=0.6, decay=0.5), "warmup \\+ decay"), (dict(log_every=0), "log_every"),
-                      (dict(thr_momentum=1.5), "thr_momentum"), (dict(aux_k=-1), "aux_k")]:
+                      (dict(thr_momentum=1.5), "thr_momentum"), (dict(aux_k=-1), "aux_k"),
+                      (dict(clip_grad=-1.0), "clip_grad"), (dict(n_latents=1, k=1, c2r_lambda=0.1), "n_latents")]:
         with pytest.raises(ValueError, match=what):
             c2r.Config(**bad)
+
+
+@pytest.mark.parametrize("name", ["c2r_lambda", "c2r_alpha", "l1_coeff", "aux_coeff", "lr", "clip_grad", "warmup"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_config_refuses_nan_and_inf(name, value):
+    """nan > 0 is False: a NaN lambda used to switch C²R off without a word, a NaN alpha or lr to
+    pass every check."""
+    with pytest.raises(ValueError, match=f"Config.{name} must be finite"):
+        c2r.Config(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["steps", "k", "nbr_every", "n_latents", "d_model", "log_every", "aux_k", "seed"])
+@pytest.mark.parametrize("value", [2.5, "3", True, None])
+def test_config_refuses_non_integers(name, value):
+    with pytest.raises(TypeError, match=f"Config.{name} must be an int"):
+        c2r.Config(**{name: value})
+
+
+def test_config_types():
+    with pytest.raises(TypeError, match="Config.lr must be a number"):
+        c2r.Config(lr="1e-3")
+    with pytest.raises(TypeError, match="Config.bf16"):
+        c2r.Config(bf16="no")
+    with pytest.raises(TypeError, match="Config.prefixes must be ints"):
+        c2r.Config(kind="matryoshka", n_latents=64, prefixes=(8, 16.5))
+    cfg = c2r.Config(steps=np.int64(7), lr=1, c2r_lambda=0)    # numpy ints and Python ints for floats: fine,
+    assert (type(cfg.steps), type(cfg.lr), type(cfg.c2r_lambda)) == (int, float, float)    # stored as plain Python
+
+
+def test_train_refuses_a_bad_start():
+    for start in (-5, 21, 2.0, True):
+        with pytest.raises(ValueError, match="start"):
+            c2r.train(make("topk"), batches(), progress=False, start=start)
+
+
+def test_train_revalidates_a_changed_config():
+    sae = make("topk")
+    sae.cfg.c2r_lambda = float("nan")          # set after construction: train() checks it again
+    with pytest.raises(ValueError, match="c2r_lambda"):
+        c2r.train(sae, batches(), progress=False)
+
+
+def test_lambda_zero_never_searches(monkeypatch):
+    """A baseline (lambda = 0) used to run the exact neighbour search at every log step, only to
+    log a C²R value; with one latent it then died with a C²R error. It logs None now."""
+    calls = []
+    monkeypatch.setattr(c2r, "nearest_neighbours", lambda *a, **k: calls.append(1))
+    _, log = c2r.train(make("batchtopk", log_every=1, steps=4), batches(), progress=False)
+    assert calls == [] and [row["c2r"] for row in log] == [None] * 4
+    _, log = c2r.train(make("topk", n_latents=1, k=1, steps=3), batches(), progress=False)    # one latent
+    assert log[-1]["c2r"] is None and log[-1]["l0"] <= 1
+
+
+def test_warns_when_final_fvu_above_one(recwarn):
+    sae = make("relu", steps=2, lr=1e-12, clip_grad=0)
+    with torch.no_grad():
+        sae.W_enc_DF.mul_(100)                  # codes 100x too large: x_hat far worse than the mean
+    with pytest.warns(UserWarning, match=r"FVU is .* > 1"):
+        c2r.train(sae, batches(), progress=False)
+    c2r.train(make("topk", steps=30, lr=1e-2), batches(), progress=False)   # a run that learns: no warning
+    assert not [w for w in recwarn if "FVU" in str(w.message)]
 
 
 def test_train_refuses_a_cfg_for_another_sae():

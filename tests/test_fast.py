@@ -5,35 +5,14 @@ decode(activate(pre)), code_norms instead of vector_norm of the dense codes, Aux
 embedding_bag, and a neighbour table refreshed every cfg.nbr_every steps. (relu trains on the
 dense path, which is its own reference.) Speed is measured in bench.py, never asserted here."""
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import c2r  # noqa: E402
+import c2r
+from conftest import c2r_reference, neighbours_reference
 
 FAST_KINDS = ("topk", "batchtopk")
-
-
-def brute_neighbours(W_dec_FD):
-    """The definition with the full F x F cosine matrix (fine at test sizes)."""
-    W = F.normalize(W_dec_FD.detach(), dim=1)
-    cos = W @ W.T
-    cos.fill_diagonal_(-float("inf"))
-    return cos.argmax(1)
-
-
-def brute_c2r(acts_BF, W_dec_FD, alpha):
-    nbr = brute_neighbours(W_dec_FD)
-    a = torch.linalg.vector_norm(acts_BF, dim=0)
-    W = F.normalize(W_dec_FD, dim=1)
-    s = (W * W[nbr]).sum(1).clamp(min=0) ** 2
-    x = a + a[nbr]
-    x = torch.where(x > 0, torch.where(x > 0, x, 1.0) ** alpha, 0.0)
-    return (x * s).mean()
 
 
 def make_sae(kind, n=48, d=12, seed=0):
@@ -58,12 +37,12 @@ def losses(sae, x, alpha, dead_F, fast):
         vals, rows, cols = sae.sparse_codes(pre)
         x_hat = sae.decode_sparse(vals, rows, cols, x.shape[0])
         c2r_ = c2r.c2r_penalty(c2r.code_norms(vals, cols, sae.cfg.n_latents), sae.W_dec_FD,
-                               c2r.nearest_neighbours(sae.W_dec_FD, block=7), alpha, unit_rows=True)
+                               c2r.nearest_neighbours(sae.W_dec_FD, block=7), alpha=alpha, unit_rows=True)
         aux = c2r.aux_loss(sae, x, x_hat, pre, dead_F)
     else:
         acts = sae.activate(pre)
         x_hat = sae.decode(acts)
-        c2r_ = brute_c2r(acts, sae.W_dec_FD, alpha)
+        c2r_ = c2r_reference(acts, sae.W_dec_FD, alpha)
         # AuxK as a dense matmul
         vals, idx = pre.masked_fill(~dead_F, -float("inf")).topk(sae.cfg.aux_k, dim=1)
         e = (x - x_hat).detach()
@@ -130,7 +109,7 @@ def test_code_norms_gradcheck_and_silent_latents():
 @pytest.mark.parametrize("block", [1, 5, 64])
 def test_blocked_search_equals_brute_force(block):
     W = torch.randn(50, 6, generator=torch.Generator().manual_seed(block))
-    assert torch.equal(c2r.nearest_neighbours(W, block), brute_neighbours(W))
+    assert torch.equal(c2r.nearest_neighbours(W, block=block), neighbours_reference(W))
 
 
 @pytest.mark.parametrize("R", [1, 3])
@@ -156,13 +135,15 @@ def test_refreshed_table_is_a_fresh_search(R):
         if t == 0:   # train() sets b_dec from the first batch
             ref.b_dec_D.data.copy_(c2r.geometric_median(xs[0]))
         acts = ref.activate(ref.pre_acts(xs[t]))
-        fresh = brute_neighbours(ref.W_dec_FD)
-        table = brute_neighbours(states[t - t % R]["W_dec_FD"])
+        fresh = neighbours_reference(ref.W_dec_FD)
+        table = neighbours_reference(states[t - t % R]["W_dec_FD"])
         if t % R == 0:
             assert torch.equal(table, fresh)
         stale += not torch.equal(table, fresh)
-        expect = c2r.c2r_penalty(torch.linalg.vector_norm(acts, dim=0), ref.W_dec_FD, table, cfg.c2r_alpha)
+        expect = c2r.c2r_penalty(torch.linalg.vector_norm(acts, dim=0), ref.W_dec_FD, table, alpha=cfg.c2r_alpha)
         assert row["c2r"] == pytest.approx(expect.item(), rel=1e-5)
+        if t % R == 0:     # a fresh table: the penalty is C²R itself
+            assert row["c2r"] == pytest.approx(c2r_reference(acts, ref.W_dec_FD, cfg.c2r_alpha).item(), rel=1e-5)
     if R > 1:
         assert stale > 0   # at this lr the table does go stale between refreshes: the check bites
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import c2r
+from conftest import c2r_reference
 
 
 def cfg(**kw):
@@ -77,7 +78,7 @@ def test_composes_with_c2r():
     xs = data()
     ref.b_dec_D.data.copy_(c2r.geometric_median(xs[0]))
     _, acts, _ = ref(xs[0])
-    want = c2r.prefix_losses(ref, xs[0], *sparse(acts)).mean() + 0.7 * c2r.c2r_loss(acts, ref.W_dec_FD)
+    want = c2r.prefix_losses(ref, xs[0], *sparse(acts)).mean() + 0.7 * c2r_reference(acts, ref.W_dec_FD)
     _, log = c2r.train(sae, xs + data(14, seed=1), progress=False)
     assert log[0]["loss"] == pytest.approx(want.item(), rel=1e-5)
 

@@ -106,20 +106,93 @@ def test_duplicate_latent_raises_splitting(data):
 
 
 def args(*argv):
-    return tt.parser().parse_args(["--width", "60", "--steps", "300", "--batch", "256", "--n-eval", "2048",
+    return tt.parser().parse_args(["--n-latents", "60", "--steps", "300", "--batch", "256", "--n-eval", "2048",
                                    "--nbr-every", "1", *argv])
 
 
 def test_c2r_lowers_absorption_end_to_end():
     toy = tt.Toy()
-    base = [tt.run("relu", 0.0, s, args(), toy) for s in (0, 1)]
-    reg = [tt.run("relu", 0.1, s, args(), toy) for s in (0, 1)]
+    base = [tt.run("relu", 0.0, s, args(), toy)[0] for s in (0, 1)]
+    reg = [tt.run("relu", 0.1, s, args(), toy)[0] for s in (0, 1)]
     for b, r in zip(base, reg):
         assert r["absorb"] < b["absorb"] and r["split"] < b["split"]
 
 
-def test_main_prints_table(capsys):
-    rows = tt.main(["--kind", "topk", "--steps", "20", "--seeds", "0", "--n-eval", "256", "--batch", "64",
-                    "--jobs", "1"])
-    out = capsys.readouterr().out
-    assert "absorb" in out and "split" in out and len(rows) == 2
+TINY = ["--steps", "20", "--seeds", "0", "--n-eval", "256", "--batch", "64", "--jobs", "1"]
+
+
+def test_main_prints_table_in_100_columns_and_progress(capsys):
+    rows = tt.main(["--kind", "topk", *TINY])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["kind", "λ", *tt.COLS] and len(rows) == 2
+    assert max(map(len, lines)) <= 100
+    assert lines[-2] == tt.LEGEND and lines[-1].startswith("mean±std over 1 seeds")
+    # a progress line per finished job, on stderr: the table alone on stdout
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert [p.split("]")[0] for p in progress] == ["[1/2", "[2/2"]
+    assert "topk k 4 λ 0.1 seed 0: absorb" in progress[1]
+
+
+def test_progress_stays_short(monkeypatch, capsys):
+    """However many jobs, about 20 progress lines, the last one for the last job."""
+    monkeypatch.setattr(tt, "run_job", lambda job: dict(absorb=0.5, split=1.0, fvu=0.1))
+    a = args()
+    out = tt.run_all([("topk", 0.0, s, a, None) for s in range(111)], 1)
+    assert len(out) == 111
+    progress = capsys.readouterr().err.splitlines()
+    assert 10 <= len(progress) <= 20 and progress[-1].startswith("[111/111] topk k 4 λ 0 seed 110:")
+
+
+def test_jobs_in_parallel_give_the_same_rows_in_the_same_order():
+    argv = ["--kind", "topk", "--steps", "5", "--seeds", "0", "--n-eval", "256", "--batch", "32"]
+    one, two = tt.main(argv + ["--jobs", "1"]), tt.main(argv + ["--jobs", "2"])
+    assert repr(one) == repr(two)                  # repr: a NaN metric equals itself there
+
+
+def test_fvu_above_1_warns(capsys):
+    """An SAE barely trained (one step at lr 1e-6) reconstructs worse than the mean: say so."""
+    rows = tt.main(["--kind", "relu", "--c2r-lambda", "0", "--lr", "1e-6", "--steps", "1", "--seeds", "0",
+                    "--n-eval", "512", "--batch", "64", "--jobs", "1"])
+    fvu = rows[("relu", 0.0)][0]["fvu"]
+    assert fvu > 1
+    assert f"warning: relu l1-coeff 0.3 λ 0 seed 0: final FVU {fvu:.3f} > 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--n-eval", "0"], "--n-eval"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-5"], "--steps"),
+    (["--batch", "0"], "--batch"),
+    (["--n-latents", "0"], "--n-latents"),
+    (["--k", "0"], "--k"),
+    (["--k", "81"], "k=81"),                                      # more than the 80 latents
+    (["--sweep", "--k", "50"], "k=100"),                          # the sweep goes up to 2 * --k
+    (["--c2r-lambda", "-0.1"], "--c2r-lambda"),
+    (["--c2r-lambda", "nan"], "--c2r-lambda"),
+    (["--lr", "-0.001"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--l1-coeff", "-1"], "--l1-coeff"),
+    (["--l1-coeff", "nan"], "--l1-coeff"),
+    (["--c2r-alpha", "0"], "--c2r-alpha"),
+    (["--nbr-every", "0"], "--nbr-every"),
+    (["--jobs", "0"], "--jobs"),
+    (["--seeds"], "--seeds"),
+    (["--seeds", "0", "1", "0"], "--seeds"),
+])
+def test_bad_flags_stop_before_any_work(monkeypatch, capsys, argv, flag):
+    monkeypatch.setattr(tt, "run_all", lambda *a: pytest.fail("trained before checking the flags"))
+    with pytest.raises(SystemExit) as e:
+        tt.main([*TINY, *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "unrecognized" not in err, err
+
+
+def test_unwritable_sweep_out_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tt, "run_all", lambda *a: pytest.fail("trained before checking --out"))
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as e:
+        tt.main([*TINY, "--sweep", "--out", str(tmp_path / "file" / "sweep")])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """How often does a latent's C²R neighbour j(i) change during training? (README, Speed)
 
-    OMP_NUM_THREADS=1 python scripts/nbr_churn.py --kind topk --seeds 0 1 2
+    OMP_NUM_THREADS=1 python results/nbr_churn.py --kind topk --seeds 0 1 2
 
 Trains on the toy of train_toy.py (its defaults, C²R on, the exact R=1 table) and, before every
 step, searches the neighbour table afresh. Prints, per phase of training, the fraction of

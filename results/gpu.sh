@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU number of the README, as the one prepared script for a session with an H200:
 #
-#     OUT=/some/dir bash scripts/gpu.sh       # about 5 minutes expected, 9.5 at most (each part has a timeout)
-#     SMALL=1 OUT=/tmp/g bash scripts/gpu.sh  # the same, tiny, on a CPU: to try this script itself
+#     OUT=/some/dir bash results/gpu.sh       # about 5 minutes expected, 9.5 at most (each part has a timeout)
+#     SMALL=1 OUT=/tmp/g bash results/gpu.sh  # the same, tiny, on a CPU: to try this script itself
 #
 # 1. bench.py at its GPU sizes (README, Speed): the step table at 24,576 and 65,536 latents and
 #    c2r_loss alone up to 131,072; then `ours + C²R` with the table refreshed every 50 steps
@@ -24,7 +24,7 @@ mkdir -p "$OUT" "$RUN"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1     # no Hub there: fail at once instead of retrying
 BENCH=() GPT2=() T=1
 if [ -n "${SMALL:-}" ]; then                   # seconds on a CPU, every code path of the big run
-    BENCH=(--device cpu --d-model 32 --latents 512 --batch 64 --k 4 --steps 2 --warmup 1 --c2r-latents 512)
+    BENCH=(--device cpu --d-model 32 --n-latents 512 --batch 64 --k 4 --steps 2 --warmup 1 --c2r-latents 512)
     GPT2=(--device cpu --tokens 4096 --batch 512 --n-latents 256 --eval-tokens 512 --buffer 8192
           --model-batch 8 --probe-words 300)
     T=0.2

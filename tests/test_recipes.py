@@ -1,0 +1,168 @@
+"""README's "Use C²R in your trainer": the C²R block of c2r.py pasted alone, and the two recipes,
+run exactly as written (the strings below are what README shows) on stand-in SAEs."""
+
+import ast
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import c2r
+from conftest import c2r_reference
+
+torch.set_num_threads(1)
+
+RECIPE_DENSE = """
+from c2r import c2r_loss, nearest_neighbours      # or paste c2r.py's C²R block
+
+lam, R = 0.1, 10                                  # C²R weight; refresh the neighbour table every R steps
+for step, x_BD in enumerate(batches):
+    acts_BF = sae.encode(x_BD)                    # dense codes [B, F] (after TopK, for a TopK SAE)
+    x_hat_BD = sae.decode(acts_BF)
+    if step % R == 0:                             # an exact search costs O(F^2 D): not every step
+        nbr_F = nearest_neighbours(sae.W_dec)     # W_dec is [F, D], a latent per row (else pass W_dec.T)
+    loss = (x_hat_BD - x_BD).pow(2).sum(-1).mean() + lam * c2r_loss(acts_BF, sae.W_dec, nbr_F=nbr_F)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+RECIPE_SPARSE = """
+from c2r import c2r_penalty, code_norms, nearest_neighbours     # or paste c2r.py's C²R block
+
+lam, R = 0.1, 10                                  # C²R weight; refresh the neighbour table every R steps
+for step, x_BD in enumerate(batches):
+    vals_BK, idx_BK = sae.encode(x_BD)            # each sample's k kept codes and their latents [B, k]
+    x_hat_BD = sae.decode(vals_BK, idx_BK)
+    if step % R == 0:                             # an exact search costs O(F^2 D): not every step
+        nbr_F = nearest_neighbours(sae.W_dec)     # W_dec is [F, D], a latent per row (else pass W_dec.T)
+    a_F = code_norms(vals_BK.flatten(), idx_BK.flatten(), sae.W_dec.shape[0])   # ||acts[:, i]||_2, no [B, F]
+    # unit_rows=True skips normalising W_dec's rows. Right only if your trainer keeps them at unit norm
+    # AND removes the gradient's radial part before each step (sparsify's normalize_decoder does both)
+    penalty = c2r_penalty(a_F, sae.W_dec, nbr_F, unit_rows=False)
+    loss = (x_hat_BD - x_BD).pow(2).sum(-1).mean() + lam * penalty
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+class DenseSAE(torch.nn.Module):
+    """A stand-in for someone else's ReLU SAE: W_dec [F, D] (as SAELens and sparsify store it)."""
+    def __init__(self, D=8, Fn=32, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_dec = torch.nn.Parameter(F.normalize(torch.randn(Fn, D, generator=g), dim=1))
+        self.W_enc = torch.nn.Parameter(self.W_dec.detach().T.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(Fn))
+
+    def encode(self, x_BD):
+        return F.relu(x_BD @ self.W_enc + self.b_enc)
+
+    def decode(self, acts_BF):
+        return acts_BF @ self.W_dec
+
+
+class TopKSAE(DenseSAE):
+    """... and a TopK one that keeps its codes as (values, indices) [B, k], as sparsify does."""
+    k = 3
+
+    def encode(self, x_BD):
+        vals_BK, idx_BK = (x_BD @ self.W_enc + self.b_enc).topk(self.k, dim=1)
+        return F.relu(vals_BK), idx_BK
+
+    def decode(self, vals_BK, idx_BK):
+        return self.dense(vals_BK, idx_BK) @ self.W_dec
+
+    def dense(self, vals_BK, idx_BK):
+        return torch.zeros(len(vals_BK), self.W_dec.shape[0]).scatter(1, idx_BK, vals_BK)
+
+
+def data(steps, B=64, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, D, generator=g) * 2 + 1 for _ in range(steps)]
+
+
+def run(recipe, sae, steps, lr, monkeypatch, lam=None):
+    searches = []
+    search = c2r.nearest_neighbours
+    monkeypatch.setattr(c2r, "nearest_neighbours", lambda W, **kw: searches.append(1) or search(W, **kw))
+    if lam is not None:                                   # the baseline: the same recipe with lambda = 0
+        recipe = recipe.replace("lam, R = 0.1, 10", f"lam, R = {lam}, 10")
+    ns = dict(sae=sae, opt=torch.optim.Adam(sae.parameters(), lr=lr), batches=data(steps))
+    exec(recipe, ns)
+    return ns, len(searches)
+
+
+@pytest.mark.parametrize("recipe,SAE", [(RECIPE_DENSE, DenseSAE), (RECIPE_SPARSE, TopKSAE)])
+def test_recipe_value_is_c2r(recipe, SAE, monkeypatch):
+    """With the weights held still (lr = 0) the recipe's C²R term is C²R of the last batch's codes."""
+    sae = SAE()
+    ns, _ = run(recipe, sae, 3, 0.0, monkeypatch)
+    codes = sae.encode(ns["x_BD"])
+    acts_BF = codes if SAE is DenseSAE else sae.dense(*codes)
+    recon = (acts_BF @ sae.W_dec - ns["x_BD"]).pow(2).sum(-1).mean()
+    want = c2r_reference(acts_BF, sae.W_dec).item()
+    assert want > 0
+    assert (ns["loss"] - recon).item() == pytest.approx(0.1 * want, rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe,SAE", [(RECIPE_DENSE, DenseSAE), (RECIPE_SPARSE, TopKSAE)])
+def test_recipe_trains_and_lowers_c2r(recipe, SAE, monkeypatch):
+    """25 steps: the table is searched at steps 0, 10, 20 only, and C²R ends lower than in the
+    same run without it."""
+    ends = []
+    for lam in (None, 0.0):
+        sae = SAE()
+        _, n_searches = run(recipe, sae, 25, 1e-2, monkeypatch, lam)
+        assert n_searches == 3
+        x = data(1, B=512, seed=1)[0]
+        with torch.no_grad():
+            codes = sae.encode(x)
+            ends.append(c2r_reference(codes if SAE is DenseSAE else sae.dense(*codes), sae.W_dec).item())
+    assert ends[0] < 0.97 * ends[1], ends
+
+
+def block_of(path):
+    text = open(path).read()
+    m = re.search(r"^# --- begin C²R \(paste this block\) ---\n(.*?)^# --- end C²R ---$", text, re.S | re.M)
+    assert m, "c2r.py has lost its begin/end C²R markers"
+    return m[1]
+
+
+def test_pasted_block_alone_is_c2r():
+    """The block, cut out of c2r.py as text and run in an empty namespace (it imports only torch and
+    torch.nn.functional itself), gives c2r.py's values and gradients."""
+    block = block_of(c2r.__file__)
+    imports = [ast.unparse(n) for n in ast.parse(block).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert imports == ["import torch", "import torch.nn.functional as F"]
+    ns = {}
+    exec(block, ns)
+    assert {"c2r_loss", "c2r_penalty", "nearest_neighbours", "code_norms"} <= ns.keys()
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    acts = F.relu(torch.randn(16, 40, generator=g, dtype=torch.float64))
+    for alpha in (1.0, 0.5):
+        out = []
+        for mod in (ns, vars(c2r)):
+            a, w = acts.clone().requires_grad_(), W.clone().requires_grad_()
+            val = mod["c2r_loss"](a, w, alpha=alpha)
+            val.backward()
+            out.append((val.detach(), a.grad, w.grad))
+        for x, y in zip(*out):
+            assert torch.equal(x, y)
+        torch.testing.assert_close(out[0][0], c2r_reference(acts, W, alpha))
+
+    rows, cols = acts.nonzero(as_tuple=True)
+    out = []
+    for mod in (ns, vars(c2r)):
+        v, w = acts[rows, cols].clone().requires_grad_(), W.clone().requires_grad_()
+        nbr = mod["nearest_neighbours"](w, block=7)
+        val = mod["c2r_penalty"](mod["code_norms"](v, cols, 40), w, nbr)
+        val.backward()
+        out.append((val.detach(), v.grad, w.grad, nbr))
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(out[0][0], c2r_reference(acts, W))
