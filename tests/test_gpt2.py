@@ -185,7 +185,7 @@ def test_absorption_for_real(tiny, tmp_path):
     mean is None, shown as n/a, and the run goes on."""
     pytest.importorskip("absorption")
     pytest.importorskip("sklearn")
-    res, _ = tg.run(args_for(tiny, tmp_path, "--probe-words", "200", "--probe-epochs", "2"))
+    res, _ = tg.run(args_for(tiny, tmp_path, "--probe-words", "100", "--probe-epochs", "1"))
     out = json.load(open(tmp_path / "results.json"))
     for name, r in out["saes"].items():
         assert r["absorption"]["letters_kept"] + r["absorption"]["letters_dropped"] == 26
