@@ -7,9 +7,12 @@ Read it top to bottom:
   2. the text: local .txt files, a Hugging Face dataset, or random tokens -> fixed-length contexts
   3. the activations: harvest, shuffle, serve every activation once; the on-disk cache
   4. export: an SAE trained on scaled activations, rewritten for raw ones; the SAELens layout
+  5. fingerprints of the files a run read, so --resume and --cache refuse changed inputs
 """
 
 import functools
+import hashlib
+import importlib.metadata
 import itertools
 import json
 import os
@@ -121,19 +124,40 @@ def ce_loss(model, blocks, layer, ids_BT, splice=None, amp=nullcontext()):
 # 2. The text: every context is a BOS token (position 0, left out of training and of the SAE's
 # splice) and ctx - 1 tokens. The order is fixed by the seed: every pass sees the same contexts.
 
+def data_files(data):
+    """The regular files --data names: the file itself, or every regular *.txt file in the folder,
+    sorted (a FIFO or a device would block or never end)."""
+    if os.path.isdir(data):
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs
+                       if f.endswith(".txt") and os.path.isfile(os.path.join(r, f)))
+        if not files:
+            raise ValueError(f"--data {data!r}: the folder has no regular .txt files")
+        return files
+    if not os.path.isfile(data):
+        raise ValueError(f"--data {data!r}: not a regular file or a folder")
+    return [data]
+
+
+def read_text(f):
+    """A file's text, strictly UTF-8: a binary, Latin-1 or UTF-16 file is refused, not read as
+    replacement characters."""
+    raw = Path(f).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data: {f} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+    if "\0" in text:
+        raise ValueError(f"--data: {f} is not text (it holds NUL bytes: binary or UTF-16)")
+    return text
+
+
 @functools.lru_cache(maxsize=2)
 def read_tokens(data, tok):
     """All tokens of a .txt file or of the .txt files in a folder (sorted), documents joined
     by the end-of-text token."""
-    if os.path.isdir(data):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if f.endswith(".txt"))
-        if not files:
-            raise ValueError(f"--data {data!r}: the folder has no .txt files")
-    else:
-        files = [data]
     ids = []
-    for f in files:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
+    for f in data_files(data):
+        text = read_text(f)
         if text.strip():
             ids += tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
     if not ids:
@@ -293,13 +317,14 @@ def read_json(path):
 
 
 def check_cache(folder, settings):
-    """Refuse a cache made with other settings, naming what differs."""
+    """Refuse a cache made with other settings or from other text or model files, naming what differs."""
     have = read_json(os.path.join(folder, "settings.json"))
     if have is None:
         if os.path.isdir(folder) and os.listdir(folder):
             raise ValueError(f"--cache {folder}: not empty and no settings.json: not a cache of this script")
         return None
-    diff = [f"{k} {have.get(k)!r} there, {v!r} here" for k, v in settings.items() if have.get(k) != v]
+    diff = [f"{k} {have.get(k)!r} there, {v!r} here" for k, v in settings.items() if have.get(k) != v and k != "inputs"]
+    diff += fingerprint_diff(have.get("inputs", {}), settings["inputs"])     # the text and model files it read
     if diff:
         raise ValueError(f"--cache {folder} holds activations made with other settings ({'; '.join(diff)}): "
                          f"use another folder")
@@ -391,11 +416,80 @@ def save_saelens(sae, folder, run):
     if arch == "jumprelu":
         w["threshold"] = sae.threshold.expand(cfg.n_latents)
     w = {k: v.detach().float().cpu().contiguous() for k, v in w.items()}
-    meta = dict(model_name=run["model"], hook_name=f"blocks.{run['layer']}.hook_resid_post",
-                hook_layer=run["layer"], hook_head_index=None, context_size=run["ctx"], prepend_bos=True,
-                dataset_path=run["data"])
+    try:                     # SAELens reads a config without sae_lens_version as pre-6.0 and renames its keys
+        version = importlib.metadata.version("sae-lens")     # without importing it: that takes seconds
+    except importlib.metadata.PackageNotFoundError:
+        version = "6.0.0"
+    # the metadata SAELens's own trainer writes (llm_sae_training_runner.py); we train on every
+    # position but the first (BOS), of contexts that start with BOS, special tokens included
+    meta = dict(model_name=run["model"], model_class_name="HookedTransformer",
+                hook_name=f"blocks.{run['layer']}.hook_resid_post", hook_layer=run["layer"], hook_head_index=None,
+                context_size=run["ctx"], prepend_bos=True, seqpos_slice=(1, None), exclude_special_tokens=False,
+                model_from_pretrained_kwargs={"center_writing_weights": False}, dataset_path=run["data"],
+                sae_lens_version=version, sae_lens_training_version=None)
     sl = dict(architecture=arch, d_in=cfg.d_model, d_sae=cfg.n_latents, dtype="float32", device="cpu",
               apply_b_dec_to_input=True, normalize_activations="none", reshape_activations="none",
               metadata=meta, **({"k": cfg.k} if arch == "topk" else {}), **meta)
     c2r.atomic_write(os.path.join(folder, "sae_weights.safetensors"), lambda p: save_file(w, p))
     c2r.atomic_write(os.path.join(folder, "cfg.json"), lambda p: Path(p).write_text(json.dumps(sl, indent=2)))
+
+
+# -----------------------------------------------------------------------------
+# 5. What a run read: a fingerprint of its text and model files (size and sha256 of each), stored
+# with every checkpoint and in the cache's settings, so --resume and --cache refuse changed inputs.
+WEIGHTS = (".gguf", ".safetensors", ".bin", ".pt", ".pth", "config.json", "tokenizer.json", "vocab.json", "merges.txt")
+
+
+def writable_folder(folder, flag):
+    """Create folder and write a probe file in it: an unwritable --out fails before the model loads."""
+    if not folder:
+        raise ValueError(f"{flag} is empty: name a folder")
+    probe = os.path.join(folder, f".probe{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        Path(probe).write_text("")
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder!r} is not a writable folder ({e.strerror or e})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256(path, size, mtime_ns):     # size and mtime in the key: an edited file is hashed again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2 ** 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_fp(paths):
+    st = {p: os.stat(p) for p in paths}
+    return {p: [s.st_size, file_sha256(p, s.st_size, s.st_mtime_ns)] for p, s in st.items()}
+
+
+def fingerprint(data, model, gguf_file=None, random_init=False, seed=0, config=None):
+    """{"data": {file: [size, sha256]} (or the dataset's name), "model": the same for the weights
+    files in --model's directory (or, for --random-init, its config and the seed)}."""
+    fp = dict(data={"random": seed} if data == "random" else
+              files_fp(data_files(data)) if os.path.exists(data) else {"dataset": data})
+    if random_init:
+        fp["model"] = {"config": config, "seed": seed}
+    elif os.path.isdir(model):
+        names = [gguf_file] if gguf_file else sorted(f for f in os.listdir(model) if f.endswith(WEIGHTS))
+        fp["model"] = files_fp([os.path.join(model, f) for f in names if os.path.isfile(os.path.join(model, f))])
+    else:
+        fp["model"] = {"hub": model}
+    return fp
+
+
+def fingerprint_diff(old, new):
+    """What changed between two fingerprints, one phrase per file."""
+    out = []
+    for part, flag in (("data", "--data"), ("model", "--model")):
+        a, b = old.get(part, {}), new.get(part, {})
+        out += [f"a file was added to {flag}: {f}" for f in b if f not in a]
+        out += [f"a file was removed from {flag}: {f}" for f in a if f not in b]
+        out += [f"{f} changed (size {a[f][0]}, sha256 {a[f][1][:12]}… -> size {b[f][0]}, sha256 {b[f][1][:12]}…)"
+                if isinstance(a[f], list) and isinstance(b[f], list) else f"{flag} {f} was {a[f]!r}, now {b[f]!r}"
+                for f in b if f in a and a[f] != b[f]]
+    return out
