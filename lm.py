@@ -8,6 +8,7 @@ Read it top to bottom:
   3. the activations: harvest, shuffle, serve every activation once; the on-disk cache
   4. export: an SAE trained on scaled activations, rewritten for raw ones; the SAELens layout
   5. fingerprints of the files a run read, so --resume and --cache refuse changed inputs
+  6. the figure: absorption against CE loss recovered and FVU
 """
 
 import functools
@@ -453,18 +454,16 @@ def writable_folder(folder, flag):
         raise ValueError(f"{flag} {folder!r} is not a writable folder ({e.strerror or e})") from None
 
 
-@functools.lru_cache(maxsize=None)
-def file_sha256(path, size, mtime_ns):     # size and mtime in the key: an edited file is hashed again
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2 ** 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def files_fp(paths):
-    st = {p: os.stat(p) for p in paths}
-    return {p: [s.st_size, file_sha256(p, s.st_size, s.st_mtime_ns)] for p, s in st.items()}
+    """{path: [size, sha256]}, read in 1 MiB chunks; once per run (fingerprint() is called once)."""
+    out = {}
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(2 ** 20):
+                h.update(chunk)
+        out[p] = [os.path.getsize(p), h.hexdigest()]
+    return out
 
 
 def fingerprint(data, model, gguf_file=None, random_init=False, seed=0, config=None):
@@ -493,3 +492,36 @@ def fingerprint_diff(old, new):
                 if isinstance(a[f], list) and isinstance(b[f], list) else f"{flag} {f} was {a[f]!r}, now {b[f]!r}"
                 for f in b if f in a and a[f] != b[f]]
     return out
+
+
+# -----------------------------------------------------------------------------
+# 6. The figure of train_gpt2.py's results
+
+def plot(res, path):
+    """Absorption against CE loss recovered and against FVU: one curve per method, a point per
+    setting, mean ± std over its seeds, in the style of train_toy.py's sweep. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {}
+    for g in res["groups"]:
+        if g["absorption"] is not None:
+            curves.setdefault(g["method"], []).append(g)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, (col, label) in zip(axes, [("ce_recovered", "CE loss recovered (higher is better)"),
+                                       ("fvu", "FVU (lower is better)")]):
+        for i, (m, gs) in enumerate(curves.items()):
+            gs = sorted(gs, key=lambda g: g[col][0])
+            ax.errorbar([g[col][0] for g in gs], [g["absorption"][0] for g in gs], xerr=[g[col][1] for g in gs],
+                        yerr=[g["absorption"][1] for g in gs], marker="os^vDP<"[i % 7], ms=4, capsize=2, lw=1.2,
+                        ls="--" if m.endswith("C²R") else "-", label=m)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean absorption fraction (lower is better)")
+        ax.grid(alpha=0.3)
+    n = max(len(g["runs"]) for g in res["groups"])
+    fig.suptitle(f"train_gpt2.py: {res['run']['model']}, layer {res['run']['layer']}; mean ± std over "
+                 f"up to {n} seed{'s' * (n > 1)}", fontsize=11)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=max(1, len(curves)), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

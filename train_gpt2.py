@@ -8,9 +8,10 @@ and C²R (5, the paper's).
     python train_gpt2.py --model DIR --gguf-file F.gguf --data texts/ --device cpu --tokens 2e5 --n-latents 4096
     python train_gpt2.py --cache acts/ --runs c2r_lambda=0 c2r_lambda=5 kind=matryoshka "kind=matryoshka c2r_lambda=5"
 
-Read it top to bottom (lm.py: the model, the text, the activation buffer and cache, the export):
+Read it top to bottom (lm.py: the model, the text, the activation buffer and cache, the export, the
+fingerprints of the input files, the figure):
   1. evaluation: FVU, L0, dead latents, CE loss recovered, first-letter absorption (absorption.py)
-  2. reporting: one table, one JSON, one figure
+  2. reporting: one table, one JSON, one figure (lm.plot)
   3. the flags: every c2r.Config field is a flag of the same name; --runs lists the SAEs
   4. the run, in stages: model, activations (scale, cache), train each SAE, evaluate, save, report
 """
@@ -117,36 +118,6 @@ def table(res):
     out.append(f"evaluation {t['eval_s']:.1f}s; whole run {t['total_s']:.1f}s"
                + (f"; peak GPU memory {mem:.2f} GiB" if mem is not None else ""))
     return "\n".join(out)
-
-
-def plot(res, path):
-    """Absorption against CE loss recovered and against FVU: one curve per method, a point per
-    setting, mean ± std over its seeds, in the style of train_toy.py's sweep. Needs matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    curves = {}
-    for g in res["groups"]:
-        if g["absorption"] is not None:
-            curves.setdefault(g["method"], []).append(g)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, (col, label) in zip(axes, [("ce_recovered", "CE loss recovered (higher is better)"),
-                                       ("fvu", "FVU (lower is better)")]):
-        for i, (m, gs) in enumerate(curves.items()):
-            gs = sorted(gs, key=lambda g: g[col][0])
-            ax.errorbar([g[col][0] for g in gs], [g["absorption"][0] for g in gs], xerr=[g[col][1] for g in gs],
-                        yerr=[g["absorption"][1] for g in gs], marker="os^vDP<"[i % 7], ms=4, capsize=2, lw=1.2,
-                        ls="--" if m.endswith("C²R") else "-", label=m)
-        ax.set_xlabel(label)
-        ax.set_ylabel("mean absorption fraction (lower is better)")
-        ax.grid(alpha=0.3)
-    n = max(len(g["runs"]) for g in res["groups"])
-    fig.suptitle(f"train_gpt2.py: {res['run']['model']}, layer {res['run']['layer']}; mean ± std over "
-                 f"up to {n} seed{'s' * (n > 1)}", fontsize=11)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=max(1, len(curves)), fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +341,8 @@ def train_one(args, name, cfg, batches, scale, run_info, fp, dev, say):
 
     def on_step(step, opt, new_log):
         if (step + 1) % args.ckpt_every == 0 or step + 1 == cfg.steps:
-            c2r.save(sae, ck, step=step + 1, opt=opt.state_dict(), log=log + new_log, run=run_info, scale=scale, inputs=fp)
+            c2r.save(sae, ck, step=step + 1, opt=opt.state_dict(), log=log + new_log, run=run_info, scale=scale,
+                     inputs=fp)
 
     clock, t0 = {}, time.time()
     if start < cfg.steps:
@@ -464,7 +436,7 @@ def run(args):
     print(table(res))
     try:
         if any(g["absorption"] for g in res["groups"]):        # a figure of absorption, where there is some
-            plot(res, os.path.join(args.out, "results.png"))
+            lm.plot(res, os.path.join(args.out, "results.png"))
     except ImportError:
         print("matplotlib is not installed: no figure (pip install matplotlib)")
     return res, {n: s for n, (s, _) in saes.items()}
