@@ -325,7 +325,7 @@ def check_cache(folder, settings):
             raise ValueError(f"--cache {folder}: not empty and no settings.json: not a cache of this script")
         return None
     diff = [f"{k} {have.get(k)!r} there, {v!r} here" for k, v in settings.items() if have.get(k) != v and k != "inputs"]
-    diff += fingerprint_diff(have.get("inputs", {}), settings["inputs"])     # the text and model files it read
+    diff += fingerprint_diff(have.get("inputs"), settings["inputs"], "the cache")   # the files it read
     if diff:
         raise ValueError(f"--cache {folder} holds activations made with other settings ({'; '.join(diff)}): "
                          f"use another folder")
@@ -481,14 +481,17 @@ def fingerprint(data, model, gguf_file=None, random_init=False, seed=0, config=N
     return fp
 
 
-def fingerprint_diff(old, new):
-    """What changed between two fingerprints, one phrase per file."""
+def fingerprint_diff(old, new, where):
+    """What changed between two fingerprints (old=None: one not recorded), one phrase per file."""
+    if old is None:
+        return [f"{where} does not record the files it was made from (it predates fingerprints)"]
     out = []
     for part, flag in (("data", "--data"), ("model", "--model")):
         a, b = old.get(part, {}), new.get(part, {})
         out += [f"a file was added to {flag}: {f}" for f in b if f not in a]
         out += [f"a file was removed from {flag}: {f}" for f in a if f not in b]
-        out += [f"{f} changed (size {a[f][0]}, sha256 {a[f][1][:12]}… -> size {b[f][0]}, sha256 {b[f][1][:12]}…)"
+        out += [f"{f} changed since {where} was written (size {a[f][0]} -> {b[f][0]}, "
+                f"sha256 {a[f][1][:12]}… -> {b[f][1][:12]}…)"
                 if isinstance(a[f], list) and isinstance(b[f], list) else f"{flag} {f} was {a[f]!r}, now {b[f]!r}"
                 for f in b if f in a and a[f] != b[f]]
     return out

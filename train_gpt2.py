@@ -324,9 +324,9 @@ def train_one(args, name, cfg, batches, scale, run_info, fp, dev, say):
     sae, start, opt_state, log = c2r.SAE(cfg).to(dev), 0, None, []
     if args.resume and os.path.exists(ck):
         old, extra = c2r.load(ck, map_location=dev)
-        changed = lm.fingerprint_diff(extra["inputs"], fp) if "inputs" in extra else ["made before fingerprints"]
+        changed = lm.fingerprint_diff(extra.get("inputs"), fp, f"the checkpoint {ck}")
         if changed:
-            raise ValueError(f"--resume: {'; '.join(changed)} since the checkpoint {ck}: start over in another --out")
+            raise ValueError(f"--resume: {'; '.join(changed)}: start over in another --out")
         diff = {k: (extra["run"].get(k), v) for k, v in run_info.items() if extra["run"].get(k) != v}
         diff.update({k: (v, getattr(cfg, k)) for k, v in asdict(old.cfg).items() if v != getattr(cfg, k)})
         if extra["scale"] != scale:
@@ -438,7 +438,7 @@ def run(args):
         if any(g["absorption"] for g in res["groups"]):        # a figure of absorption, where there is some
             lm.plot(res, os.path.join(args.out, "results.png"))
     except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+        print("matplotlib is not installed: no figure (pip install matplotlib)", file=sys.stderr)
     return res, {n: s for n, (s, _) in saes.items()}
 
 

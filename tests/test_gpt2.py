@@ -515,7 +515,8 @@ def test_resume_refuses_changed_inputs(tiny, tmp_path):
     go()
     orig = a.read_text()
     a.write_text(orig.replace("apple", "bat"))
-    with pytest.raises(ValueError, match=r"--resume: .*a\.txt changed \(size .*sha256 .*since the checkpoint"):
+    with pytest.raises(ValueError, match=r"--resume: .*a\.txt changed since the checkpoint .*lam0\.ckpt\.pt "
+                                         r"was written \(size .*sha256"):
         go("--resume")
     a.write_text(orig)
     (tmp_path / "text" / "new.txt").write_text("cat dog\n")
@@ -532,6 +533,11 @@ def test_resume_refuses_changed_inputs(tiny, tmp_path):
     w.write_bytes(bytes(blob))
     res, _ = go("--resume")                             # all as it was: it resumes (nothing left to train)
     assert res["timing"]["lam0"]["steps"] == 0
+    ck = tmp_path / "out" / "lam0.ckpt.pt"                # a checkpoint from before fingerprints: refused too
+    sae, extra = c2r.load(ck)
+    c2r.save(sae, ck, **{k: v for k, v in extra.items() if k != "inputs"})
+    with pytest.raises(ValueError, match=r"the checkpoint .*lam0\.ckpt\.pt does not record .*predates fingerprints"):
+        go("--resume")
 
 
 def test_cache_refuses_other_text(tiny, tmp_path):
@@ -542,7 +548,7 @@ def test_cache_refuses_other_text(tiny, tmp_path):
                                  "--runs", "c2r_lambda=0"))
     go()
     a.write_text(open(text).read().replace("apple", "bat"))
-    with pytest.raises(ValueError, match=r"--cache .*other settings .*a\.txt changed"):
+    with pytest.raises(ValueError, match=r"--cache .*other settings .*a\.txt changed since the cache was written"):
         go()
 
 
