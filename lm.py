@@ -31,23 +31,27 @@ import c2r
 # -----------------------------------------------------------------------------
 # 1. The model
 
-def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0):
-    """Returns (model, tok). tok is None only when no tokenizer can be found and none is
-    needed (a --random-init run on --data random)."""
+def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0, check=lambda cfg: None):
+    """Returns (model, tok). check(config) runs before the weights load (a bad flag fails fast).
+    tok is None only when no tokenizer can be found and none is needed (a --random-init run on
+    --data random)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2Tokenizer
     if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"--model {name!r}: no such model directory")
     kw = dict(gguf_file=gguf_file) if gguf_file else {}
+    fail = lambda e: ValueError(f"cannot load model {name!r} ({type(e).__name__}: {str(e)[:300]})")
     try:
-        if random_init:
-            # GPT2Config() *is* GPT-2 small's architecture: no download needed for the default.
-            cfg = GPT2Config() if name == "gpt2" else AutoConfig.from_pretrained(name, **kw)
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(cfg)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kw)
+        # GPT2Config() *is* GPT-2 small's architecture: no download needed for the default.
+        cfg = GPT2Config() if random_init and name == "gpt2" else AutoConfig.from_pretrained(name, **kw)
     except Exception as e:
-        raise ValueError(f"cannot load model {name!r} ({type(e).__name__}: {str(e)[:300]})") from None
+        raise fail(e) from None
+    check(cfg)
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg) if random_init else \
+            AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32, **kw)   # GGUF: parsed once
+    except Exception as e:
+        raise fail(e) from None
     tok = None
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer or name, **({} if tokenizer else kw))

@@ -275,15 +275,16 @@ def load_net(args, say):
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True      # fp32 matmuls (--no-bf16, the eval's SAE): TF32
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" and args.bf16 else nullcontext
-    model, tok = lm.load_model(args.model, args.gguf_file, args.random_init, args.tokenizer, args.seed)
+    def check(cfg):           # the flags that need the model's config, before its weights load
+        if args.layer >= cfg.num_hidden_layers:
+            raise ValueError(f"--layer {args.layer} is out of range: the model has {cfg.num_hidden_layers} blocks "
+                             f"(0..{cfg.num_hidden_layers - 1})")
+        if args.ctx > (getattr(cfg, "max_position_embeddings", None) or float("inf")):
+            raise ValueError(f"--ctx {args.ctx} is beyond the model's {cfg.max_position_embeddings} positions")
+    model, tok = lm.load_model(args.model, args.gguf_file, args.random_init, args.tokenizer, args.seed, check)
     if args.data != "random" and tok is None:
         raise ValueError(f"cannot load a tokenizer for {args.model!r}: pass --tokenizer DIR")
     blocks, L = lm.blocks_of(model.to(dev)), args.layer
-    if not 0 <= L < len(blocks):
-        raise ValueError(f"--layer {L} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
-    n_pos = getattr(model.config, "max_position_embeddings", None)
-    if n_pos and args.ctx > n_pos:
-        raise ValueError(f"--ctx {args.ctx} is beyond the model's {n_pos} positions")
     say(f"model {args.model}{' (random init)' if args.random_init else ''}: {len(blocks)} blocks, "
         f"d_model {model.config.hidden_size}, loaded in {time.time() - t0:.1f}s; layer {L}")
     return argparse.Namespace(model=model, tok=tok, dev=dev, bf16=amp is not nullcontext, D=model.config.hidden_size,

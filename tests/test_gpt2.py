@@ -598,9 +598,13 @@ def test_flags_checked_before_the_model_loads(tiny, tmp_path, monkeypatch):
                        (("--tokens", "100"), "less than one batch")]:
         with pytest.raises(ValueError, match=msg):
             tg.run(args_for(tiny, tmp_path / "out", *extra))
-    monkeypatch.setattr(lm, "load_model", real)
+    monkeypatch.setattr(lm, "load_model", real)      # these need the model's config, but not its weights
+    no_weights = lambda *a, **k: pytest.fail("the weights loaded before the check")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     with pytest.raises(ValueError, match="--ctx 2000 is beyond the model's 1024 positions"):
         tg.run(args_for(tiny, tmp_path / "out", "--ctx", "2000"))
+    with pytest.raises(ValueError, match=r"--layer 2 is out of range: the model has 2 blocks \(0..1\)"):
+        tg.run(args_for(tiny, tmp_path / "out", "--layer", "2"))
 
 
 def test_warnings_reach_stderr_even_quiet(tiny, tmp_path, monkeypatch, capsys):
