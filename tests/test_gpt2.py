@@ -25,9 +25,9 @@ WORDS = ("apple ant arm axe bat bee bed box cat cow cup car dog den dot dig egg 
          "gum gap hat hen hog hut ink ivy jam jet kit kid log leg map mud net nut owl oak pig pan").split()
 
 
-def tiny_tokenizer(folder):
+def tiny_tokenizer(folder, words=WORDS):
     """A real GPT-2 byte-level BPE tokenizer with a small vocabulary: the 256 byte symbols plus
-    merges that make each ' word' of WORDS a single token."""
+    merges that make each ' word' of `words` a single token (tests/test_absorption.py uses it too)."""
     # GPT-2's byte -> symbol table: printable bytes stand for themselves, the rest move to 256+
     keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
     sym, extra = [], 0
@@ -35,7 +35,7 @@ def tiny_tokenizer(folder):
         sym.append(chr(c) if c in keep else chr(256 + extra))
         extra += c not in keep
     vocab, merges = {s: i for i, s in enumerate(sym)}, []
-    for w in WORDS:
+    for w in words:
         cur = "Ġ"
         for ch in w:
             if cur + ch not in vocab:
