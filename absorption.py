@@ -268,24 +268,25 @@ def absorb(A_NF, x_ND, probe_w_D, W_dec_FD, main):
 
 
 @torch.no_grad()
-def score(sae, data, *, bootstrap=1000, chunk=4096):
+def score(sae, data, *, bootstrap=1000, seed=None, chunk=4096):
     """SAEBench's absorption scores of one SAE (sae.encode(x_ND) -> dense codes on the model's
-    raw activations, sae.W_dec_FD [F, D]) on prepare()'s data. Returns a JSON-serialisable dict:
+    raw activations, sae.W_dec_FD [F, D]) on prepare()'s data. seed: of the L1 probe that ranks
+    the latents (init and minibatch order; default: the data's). Returns a JSON-serialisable dict:
     the means over kept letters (None when fewer than MIN_LETTERS letters are kept: "n/a", never 0)
     and their std over letters, per-letter rows, the per-word values (for bootstrap_diff) and,
     with bootstrap > 0, a word-bootstrap 95 % interval of each mean."""
-    kept = data["kept"]
-    res = dict(data_key=data["key"], probe_f1={LETTERS[l]: data["probe_f1"][l] for l in range(26)},
+    kept, seed = data["kept"], data["seed"] if seed is None else seed
+    res = dict(data_key=data["key"], l1_seed=seed, probe_f1={LETTERS[l]: data["probe_f1"][l] for l in range(26)},
                letters_kept=len(kept), letters_dropped=26 - len(kept),
                dropped=[LETTERS[l] for l in range(26) if l not in kept], min_letters=MIN_LETTERS,
-               mean_absorption_fraction=None, mean_full_absorption=None, mean_split_latents=None)
+               mean_absorption_fraction=None, mean_full_absorption=None, mean_split_latents=None, letters=[])
     if len(kept) < MIN_LETTERS:
         return res
     was, dev = sae.training, sae.W_dec_FD.device
     sae.eval()
     enc = lambda x: torch.cat([sae.encode(c.to(dev)).float().cpu() for c in x.split(chunk)])
     try:
-        mains = main_latents(enc(data["x_tr"]), data["y_tr"], enc(data["x_te"]), data["y_te"], kept, data["seed"])
+        mains = main_latents(enc(data["x_tr"]), data["y_tr"], enc(data["x_te"]), data["y_te"], kept, seed)
         A_abs = enc(data["x_abs"])
     finally:
         sae.train(was)

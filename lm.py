@@ -7,9 +7,13 @@ Read it top to bottom:
   2. the text: local .txt files, a Hugging Face dataset, or random tokens -> fixed-length contexts
   3. the activations: harvest, shuffle, serve every activation once; the on-disk cache
   4. export: an SAE trained on scaled activations, rewritten for raw ones; the SAELens layout
+  5. fingerprints of the files a run read, so --resume and --cache refuse changed inputs
+  6. the figure: absorption against CE loss recovered and FVU
 """
 
 import functools
+import hashlib
+import importlib.metadata
 import itertools
 import json
 import os
@@ -27,23 +31,27 @@ import c2r
 # -----------------------------------------------------------------------------
 # 1. The model
 
-def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0):
-    """Returns (model, tok). tok is None only when no tokenizer can be found and none is
-    needed (a --random-init run on --data random)."""
+def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0, check=lambda cfg: None):
+    """Returns (model, tok). check(config) runs before the weights load (a bad flag fails fast).
+    tok is None only when no tokenizer can be found and none is needed (a --random-init run on
+    --data random)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2Tokenizer
     if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"--model {name!r}: no such model directory")
     kw = dict(gguf_file=gguf_file) if gguf_file else {}
+    fail = lambda e: ValueError(f"cannot load model {name!r} ({type(e).__name__}: {str(e)[:300]})")
     try:
-        if random_init:
-            # GPT2Config() *is* GPT-2 small's architecture: no download needed for the default.
-            cfg = GPT2Config() if name == "gpt2" else AutoConfig.from_pretrained(name, **kw)
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(cfg)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kw)
+        # GPT2Config() *is* GPT-2 small's architecture: no download needed for the default.
+        cfg = GPT2Config() if random_init and name == "gpt2" else AutoConfig.from_pretrained(name, **kw)
     except Exception as e:
-        raise ValueError(f"cannot load model {name!r} ({type(e).__name__}: {str(e)[:300]})") from None
+        raise fail(e) from None
+    check(cfg)
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg) if random_init else \
+            AutoModelForCausalLM.from_pretrained(name, config=cfg, dtype=torch.float32, **kw)   # GGUF: parsed once
+    except Exception as e:
+        raise fail(e) from None
     tok = None
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer or name, **({} if tokenizer else kw))
@@ -121,19 +129,40 @@ def ce_loss(model, blocks, layer, ids_BT, splice=None, amp=nullcontext()):
 # 2. The text: every context is a BOS token (position 0, left out of training and of the SAE's
 # splice) and ctx - 1 tokens. The order is fixed by the seed: every pass sees the same contexts.
 
+def data_files(data):
+    """The regular files --data names: the file itself, or every regular *.txt file in the folder,
+    sorted (a FIFO or a device would block or never end)."""
+    if os.path.isdir(data):
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs
+                       if f.endswith(".txt") and os.path.isfile(os.path.join(r, f)))
+        if not files:
+            raise ValueError(f"--data {data!r}: the folder has no regular .txt files")
+        return files
+    if not os.path.isfile(data):
+        raise ValueError(f"--data {data!r}: not a regular file or a folder")
+    return [data]
+
+
+def read_text(f):
+    """A file's text, strictly UTF-8: a binary, Latin-1 or UTF-16 file is refused, not read as
+    replacement characters."""
+    raw = Path(f).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data: {f} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+    if "\0" in text:
+        raise ValueError(f"--data: {f} is not text (it holds NUL bytes: binary or UTF-16)")
+    return text
+
+
 @functools.lru_cache(maxsize=2)
 def read_tokens(data, tok):
     """All tokens of a .txt file or of the .txt files in a folder (sorted), documents joined
     by the end-of-text token."""
-    if os.path.isdir(data):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(data) for f in fs if f.endswith(".txt"))
-        if not files:
-            raise ValueError(f"--data {data!r}: the folder has no .txt files")
-    else:
-        files = [data]
     ids = []
-    for f in files:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
+    for f in data_files(data):
+        text = read_text(f)
         if text.strip():
             ids += tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
     if not ids:
@@ -293,13 +322,14 @@ def read_json(path):
 
 
 def check_cache(folder, settings):
-    """Refuse a cache made with other settings, naming what differs."""
+    """Refuse a cache made with other settings or from other text or model files, naming what differs."""
     have = read_json(os.path.join(folder, "settings.json"))
     if have is None:
         if os.path.isdir(folder) and os.listdir(folder):
             raise ValueError(f"--cache {folder}: not empty and no settings.json: not a cache of this script")
         return None
-    diff = [f"{k} {have.get(k)!r} there, {v!r} here" for k, v in settings.items() if have.get(k) != v]
+    diff = [f"{k} {have.get(k)!r} there, {v!r} here" for k, v in settings.items() if have.get(k) != v and k != "inputs"]
+    diff += fingerprint_diff(have.get("inputs"), settings["inputs"], "the cache")   # the files it read
     if diff:
         raise ValueError(f"--cache {folder} holds activations made with other settings ({'; '.join(diff)}): "
                          f"use another folder")
@@ -391,11 +421,114 @@ def save_saelens(sae, folder, run):
     if arch == "jumprelu":
         w["threshold"] = sae.threshold.expand(cfg.n_latents)
     w = {k: v.detach().float().cpu().contiguous() for k, v in w.items()}
-    meta = dict(model_name=run["model"], hook_name=f"blocks.{run['layer']}.hook_resid_post",
-                hook_layer=run["layer"], hook_head_index=None, context_size=run["ctx"], prepend_bos=True,
-                dataset_path=run["data"])
+    try:                     # SAELens reads a config without sae_lens_version as pre-6.0 and renames its keys
+        version = importlib.metadata.version("sae-lens")     # without importing it: that takes seconds
+    except importlib.metadata.PackageNotFoundError:
+        version = "6.0.0"
+    # the metadata SAELens's own trainer writes (llm_sae_training_runner.py); we train on every
+    # position but the first (BOS), of contexts that start with BOS, special tokens included
+    meta = dict(model_name=run["model"], model_class_name="HookedTransformer",
+                hook_name=f"blocks.{run['layer']}.hook_resid_post", hook_layer=run["layer"], hook_head_index=None,
+                context_size=run["ctx"], prepend_bos=True, seqpos_slice=(1, None), exclude_special_tokens=False,
+                model_from_pretrained_kwargs={"center_writing_weights": False}, dataset_path=run["data"],
+                sae_lens_version=version, sae_lens_training_version=None)
     sl = dict(architecture=arch, d_in=cfg.d_model, d_sae=cfg.n_latents, dtype="float32", device="cpu",
               apply_b_dec_to_input=True, normalize_activations="none", reshape_activations="none",
               metadata=meta, **({"k": cfg.k} if arch == "topk" else {}), **meta)
     c2r.atomic_write(os.path.join(folder, "sae_weights.safetensors"), lambda p: save_file(w, p))
     c2r.atomic_write(os.path.join(folder, "cfg.json"), lambda p: Path(p).write_text(json.dumps(sl, indent=2)))
+
+
+# -----------------------------------------------------------------------------
+# 5. What a run read: a fingerprint of its text and model files (size and sha256 of each), stored
+# with every checkpoint and in the cache's settings, so --resume and --cache refuse changed inputs.
+WEIGHTS = (".gguf", ".safetensors", ".bin", ".pt", ".pth", "config.json", "tokenizer.json", "vocab.json", "merges.txt")
+
+
+def writable_folder(folder, flag):
+    """Create folder and write a probe file in it: an unwritable --out fails before the model loads."""
+    if not folder:
+        raise ValueError(f"{flag} is empty: name a folder")
+    probe = os.path.join(folder, f".probe{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        Path(probe).write_text("")
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder!r} is not a writable folder ({e.strerror or e})") from None
+
+
+def files_fp(paths):
+    """{path: [size, sha256]}, read in 1 MiB chunks; once per run (fingerprint() is called once)."""
+    out = {}
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(2 ** 20):
+                h.update(chunk)
+        out[p] = [os.path.getsize(p), h.hexdigest()]
+    return out
+
+
+def fingerprint(data, model, gguf_file=None, random_init=False, seed=0, config=None):
+    """{"data": {file: [size, sha256]} (or the dataset's name), "model": the same for the weights
+    files in --model's directory (or, for --random-init, its config and the seed)}."""
+    fp = dict(data={"random": seed} if data == "random" else
+              files_fp(data_files(data)) if os.path.exists(data) else {"dataset": data})
+    if random_init:
+        fp["model"] = {"config": config, "seed": seed}
+    elif os.path.isdir(model):
+        names = [gguf_file] if gguf_file else sorted(f for f in os.listdir(model) if f.endswith(WEIGHTS))
+        fp["model"] = files_fp([os.path.join(model, f) for f in names if os.path.isfile(os.path.join(model, f))])
+    else:
+        fp["model"] = {"hub": model}
+    return fp
+
+
+def fingerprint_diff(old, new, where):
+    """What changed between two fingerprints (old=None: one not recorded), one phrase per file."""
+    if old is None:
+        return [f"{where} does not record the files it was made from (it predates fingerprints)"]
+    out = []
+    for part, flag in (("data", "--data"), ("model", "--model")):
+        a, b = old.get(part, {}), new.get(part, {})
+        out += [f"a file was added to {flag}: {f}" for f in b if f not in a]
+        out += [f"a file was removed from {flag}: {f}" for f in a if f not in b]
+        out += [f"{f} changed since {where} was written (size {a[f][0]} -> {b[f][0]}, "
+                f"sha256 {a[f][1][:12]}… -> {b[f][1][:12]}…)"
+                if isinstance(a[f], list) and isinstance(b[f], list) else f"{flag} {f} was {a[f]!r}, now {b[f]!r}"
+                for f in b if f in a and a[f] != b[f]]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 6. The figure of train_gpt2.py's results
+
+def plot(res, path):
+    """Absorption against CE loss recovered and against FVU: one curve per method, a point per
+    setting, mean ± std over its seeds, in the style of train_toy.py's sweep. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {}
+    for g in res["groups"]:
+        if g["absorption"] is not None:
+            curves.setdefault(g["method"], []).append(g)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, (col, label) in zip(axes, [("ce_recovered", "CE loss recovered (higher is better)"),
+                                       ("fvu", "FVU (lower is better)")]):
+        for i, (m, gs) in enumerate(curves.items()):
+            gs = sorted(gs, key=lambda g: g[col][0])
+            ax.errorbar([g[col][0] for g in gs], [g["absorption"][0] for g in gs], xerr=[g[col][1] for g in gs],
+                        yerr=[g["absorption"][1] for g in gs], marker="os^vDP<"[i % 7], ms=4, capsize=2, lw=1.2,
+                        ls="--" if m.endswith("C²R") else "-", label=m)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean absorption fraction (lower is better)")
+        ax.grid(alpha=0.3)
+    n = max(len(g["runs"]) for g in res["groups"])
+    fig.suptitle(f"train_gpt2.py: {res['run']['model']}, layer {res['run']['layer']}; mean ± std over "
+                 f"up to {n} seed{'s' * (n > 1)}", fontsize=11)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=max(1, len(curves)), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

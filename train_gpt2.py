@@ -8,9 +8,10 @@ and C²R (5, the paper's).
     python train_gpt2.py --model DIR --gguf-file F.gguf --data texts/ --device cpu --tokens 2e5 --n-latents 4096
     python train_gpt2.py --cache acts/ --runs c2r_lambda=0 c2r_lambda=5 kind=matryoshka "kind=matryoshka c2r_lambda=5"
 
-Read it top to bottom (lm.py: the model, the text, the activation buffer and cache, the export):
+Read it top to bottom (lm.py: the model, the text, the activation buffer and cache, the export, the
+fingerprints of the input files, the figure):
   1. evaluation: FVU, L0, dead latents, CE loss recovered, first-letter absorption (absorption.py)
-  2. reporting: one table, one JSON, one figure
+  2. reporting: one table, one JSON, one figure (lm.plot)
   3. the flags: every c2r.Config field is a flag of the same name; --runs lists the SAEs
   4. the run, in stages: model, activations (scale, cache), train each SAE, evaluate, save, report
 """
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import tokenize
 from contextlib import nullcontext
@@ -118,36 +120,6 @@ def table(res):
     return "\n".join(out)
 
 
-def plot(res, path):
-    """Absorption against CE loss recovered and against FVU: one curve per method, a point per
-    setting, mean ± std over its seeds, in the style of train_toy.py's sweep. Needs matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    curves = {}
-    for g in res["groups"]:
-        if g["absorption"] is not None:
-            curves.setdefault(g["method"], []).append(g)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, (col, label) in zip(axes, [("ce_recovered", "CE loss recovered (higher is better)"),
-                                       ("fvu", "FVU (lower is better)")]):
-        for i, (m, gs) in enumerate(curves.items()):
-            gs = sorted(gs, key=lambda g: g[col][0])
-            ax.errorbar([g[col][0] for g in gs], [g["absorption"][0] for g in gs], xerr=[g[col][1] for g in gs],
-                        yerr=[g["absorption"][1] for g in gs], marker="os^vDP<"[i % 7], ms=4, capsize=2, lw=1.2,
-                        ls="--" if m.endswith("C²R") else "-", label=m)
-        ax.set_xlabel(label)
-        ax.set_ylabel("mean absorption fraction (lower is better)")
-        ax.grid(alpha=0.3)
-    n = max(len(g["runs"]) for g in res["groups"])
-    fig.suptitle(f"train_gpt2.py: {res['run']['model']}, layer {res['run']['layer']}; mean ± std over "
-                 f"up to {n} seed{'s' * (n > 1)}", fontsize=11)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=max(1, len(curves)), fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # 3. The flags. Every c2r.Config field is a flag of the same name (--n-latents, --c2r-lambda, ...),
 # with Config's type, default and documentation, but for these, which the script sets itself:
@@ -187,28 +159,39 @@ def field_type(f):
             bool: lambda s: {"true": True, "false": False}[s.lower()]}.get(t, t)
 
 
+def at_least(t, lo, strict=False):
+    """A flag's parser: a finite t >= lo (> lo if strict), else argparse's error (exit 2)."""
+    def parse(s):
+        v = t(s)
+        if not math.isfinite(v) or v < lo or (strict and v == lo):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {lo}, got {s!r}")
+        return v
+    return parse
+
+
 def parse_args(argv=None):
     class Fmt(argparse.RawDescriptionHelpFormatter):    # shows defaults, but of on/off flags and unset ones
         def _get_help_string(self, a):
             on_off = a.nargs == 0 and not isinstance(a, argparse.BooleanOptionalAction)
             return a.help if on_off or a.default is None else a.help + " (default: %(default)s)"
+    i1, f0 = at_least(int, 1), at_least(float, 0, strict=True)    # validated as parsed, before any work
     p = argparse.ArgumentParser(description=__doc__.split("\nRead it")[0].strip(), formatter_class=Fmt)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="gpt2", help="Hugging Face causal LM name or local directory")
     m.add_argument("--gguf-file", default=None, help="GGUF file inside --model's directory")
     m.add_argument("--tokenizer", default=None, help="tokenizer name/directory, if not --model's")
     m.add_argument("--random-init", action="store_true", help="same architecture, random weights (speed runs)")
-    m.add_argument("--layer", type=int, default=8, help="read the residual stream after this block")
+    m.add_argument("--layer", type=at_least(int, 0), default=8, help="read the residual stream after this block")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="Skylion007/openwebtext",
                    help="a .txt file or folder of them, a Hugging Face dataset (streamed; needs `datasets`), "
                         "or 'random' (uniform random tokens, for speed runs)")
-    d.add_argument("--ctx", type=int, default=128, help="context length, BOS included")
-    d.add_argument("--tokens", type=float, default=10_000_000, help="training tokens (activations) per SAE")
-    d.add_argument("--eval-tokens", type=float, default=2 ** 17, help="held-out tokens for the evaluation")
-    d.add_argument("--model-batch", type=int, default=256, help="contexts per forward pass")
-    d.add_argument("--buffer", type=float, default=2 ** 19, help="activations in the shuffling buffer")
-    d.add_argument("--batch", type=int, default=4096, help="activations per SAE step")
+    d.add_argument("--ctx", type=at_least(int, 2), default=128, help="context length, BOS included")
+    d.add_argument("--tokens", type=f0, default=10_000_000, help="training tokens (activations) per SAE")
+    d.add_argument("--eval-tokens", type=f0, default=2 ** 17, help="held-out tokens for the evaluation")
+    d.add_argument("--model-batch", type=i1, default=256, help="contexts per forward pass")
+    d.add_argument("--buffer", type=f0, default=2 ** 19, help="activations in the shuffling buffer")
+    d.add_argument("--batch", type=i1, default=4096, help="activations per SAE step")
     d.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="train on raw activations instead of scaling them to unit mean squared norm")
     d.add_argument("--cache", default=None, metavar="DIR",
@@ -230,13 +213,14 @@ def parse_args(argv=None):
                    help="one SAE per entry, all on the same batches: 'field=value ...' on top of the flags, "
                         "optionally named 'NAME: field=value ...'")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--probe-words", type=int, default=None, help="first-letter absorption (absorption.py) on a "
-                   "seeded subset of this many single-token words; default: all, as SAEBench; 0: skip it")
-    e.add_argument("--probe-epochs", type=int, default=50, help="epochs of the letter probes (SAEBench: 50)")
+    e.add_argument("--probe-words", type=at_least(int, 0), default=None, help="first-letter absorption "
+                   "(absorption.py) on a seeded subset of this many single-token words; default: all, as SAEBench; "
+                   "0: skip it")
+    e.add_argument("--probe-epochs", type=i1, default=50, help="epochs of the letter probes (SAEBench: 50)")
     o = p.add_argument_group("run")
     o.add_argument("--out", default="out_gpt2", help="output folder")
     o.add_argument("--resume", action="store_true", help="continue each SAE from its checkpoint in --out")
-    o.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N SAE steps")
+    o.add_argument("--ckpt-every", type=i1, default=500, help="checkpoint every N SAE steps")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -291,12 +275,16 @@ def load_net(args, say):
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True      # fp32 matmuls (--no-bf16, the eval's SAE): TF32
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" and args.bf16 else nullcontext
-    model, tok = lm.load_model(args.model, args.gguf_file, args.random_init, args.tokenizer, args.seed)
+    def check(cfg):           # the flags that need the model's config, before its weights load
+        if args.layer >= cfg.num_hidden_layers:
+            raise ValueError(f"--layer {args.layer} is out of range: the model has {cfg.num_hidden_layers} blocks "
+                             f"(0..{cfg.num_hidden_layers - 1})")
+        if args.ctx > (getattr(cfg, "max_position_embeddings", None) or float("inf")):
+            raise ValueError(f"--ctx {args.ctx} is beyond the model's {cfg.max_position_embeddings} positions")
+    model, tok = lm.load_model(args.model, args.gguf_file, args.random_init, args.tokenizer, args.seed, check)
     if args.data != "random" and tok is None:
         raise ValueError(f"cannot load a tokenizer for {args.model!r}: pass --tokenizer DIR")
     blocks, L = lm.blocks_of(model.to(dev)), args.layer
-    if not 0 <= L < len(blocks):
-        raise ValueError(f"--layer {L} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
     say(f"model {args.model}{' (random init)' if args.random_init else ''}: {len(blocks)} blocks, "
         f"d_model {model.config.hidden_size}, loaded in {time.time() - t0:.1f}s; layer {L}")
     return argparse.Namespace(model=model, tok=tok, dev=dev, bf16=amp is not nullcontext, D=model.config.hidden_size,
@@ -305,7 +293,7 @@ def load_net(args, say):
                               harvest=lambda rows: lm.harvest(model, blocks, L, rows, args.model_batch, dev, amp()))
 
 
-def activations(args, net, n_eval, steps, say):
+def activations(args, net, n_eval, steps, fp, say):
     """Stages 2 and 3: the activation scale (from the first training contexts, never the held-out
     ones) and source() -> the training activations in chunks, the same every call: from the
     model, or from the --cache, harvested first where it is missing or short."""
@@ -317,7 +305,7 @@ def activations(args, net, n_eval, steps, say):
     chunk = args.model_batch * (args.ctx - 1)
     settings = dict(model=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer, random_init=args.random_init,
                     layer=args.layer, data=args.data, ctx=args.ctx, seed=args.seed, held_out_contexts=n_eval,
-                    model_batch=args.model_batch, model_bf16=net.bf16, d_model=net.D, dtype="float16",
+                    model_batch=args.model_batch, model_bf16=net.bf16, d_model=net.D, dtype="float16", inputs=fp,
                     shard_rows=max(1, lm.SHARD_BYTES // (2 * net.D * chunk)) * chunk)
     n_rows = lm.rows_needed(steps, args.batch, int(args.buffer), chunk)
     man = lm.check_cache(args.cache, settings)
@@ -330,12 +318,16 @@ def activations(args, net, n_eval, steps, say):
         dict(source="cache", harvested_tokens=clock.get("tokens", 0), harvest_s=clock.get("s", 0.0))
 
 
-def train_one(args, name, cfg, batches, scale, run_info, dev, say):
-    """Stage 4: one SAE, checkpointed to <out>/<name>.ckpt.pt and, with --resume, continued from it."""
+def train_one(args, name, cfg, batches, scale, run_info, fp, dev, say):
+    """Stage 4: one SAE, checkpointed to <out>/<name>.ckpt.pt and, with --resume, continued from it
+    if it was made from the same settings and the same text and model files (fp)."""
     ck = os.path.join(args.out, f"{name}.ckpt.pt")
     sae, start, opt_state, log = c2r.SAE(cfg).to(dev), 0, None, []
     if args.resume and os.path.exists(ck):
         old, extra = c2r.load(ck, map_location=dev)
+        changed = lm.fingerprint_diff(extra.get("inputs"), fp, f"the checkpoint {ck}")
+        if changed:
+            raise ValueError(f"--resume: {'; '.join(changed)}: start over in another --out")
         diff = {k: (extra["run"].get(k), v) for k, v in run_info.items() if extra["run"].get(k) != v}
         diff.update({k: (v, getattr(cfg, k)) for k, v in asdict(old.cfg).items() if v != getattr(cfg, k)})
         if extra["scale"] != scale:
@@ -346,11 +338,12 @@ def train_one(args, name, cfg, batches, scale, run_info, dev, say):
         sae, start, opt_state, log = old.to(dev), extra["step"], extra["opt"], extra["log"]
         say(f"{name}: resuming at step {start} of {cfg.steps}")
     elif args.resume:
-        say(f"{name}: no checkpoint {ck}, starting from step 0")
+        print(f"{name}: --resume found no checkpoint {ck}, starting from step 0", file=sys.stderr)
 
     def on_step(step, opt, new_log):
         if (step + 1) % args.ckpt_every == 0 or step + 1 == cfg.steps:
-            c2r.save(sae, ck, step=step + 1, opt=opt.state_dict(), log=log + new_log, run=run_info, scale=scale)
+            c2r.save(sae, ck, step=step + 1, opt=opt.state_dict(), log=log + new_log, run=run_info, scale=scale,
+                     inputs=fp)
 
     clock, t0 = {}, time.time()
     if start < cfg.steps:
@@ -400,16 +393,20 @@ def run(args):
     steps = int(args.tokens) // args.batch
     if steps < 1:
         raise ValueError(f"--tokens {int(args.tokens)} is less than one batch of {args.batch}")
+    for name, over in runs.items():                # each run's Config too: d_model is checked nowhere else
+        config_for(args, name, over, 1, steps, torch.device(args.device))
     if args.cache and args.act_dtype == "float32":
         raise ValueError("--cache stores float16 activations: drop --act-dtype float32")
     args.act_dtype = args.act_dtype or ("float16" if args.cache else "float32")
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    lm.writable_folder(args.out, "--out")
     net = load_net(args, say)
+    fp = lm.fingerprint(args.data, args.model, args.gguf_file, args.random_init, args.seed,
+                        json.loads(net.model.config.to_json_string()))
     cfgs = {name: config_for(args, name, over, net.D, steps, net.dev) for name, over in runs.items()}
     n_eval = max(1, math.ceil(args.eval_tokens / (args.ctx - 1)))
     eval_ids, _ = lm.contexts(args.data, net.tok, args.ctx, n_eval, net.model.config.vocab_size, args.seed)
-    scale, source, acts_info = activations(args, net, n_eval, steps, say)
+    scale, source, acts_info = activations(args, net, n_eval, steps, fp, say)
     say(f"activation scale {scale:.4g}; {len(cfgs)} SAEs, {steps} steps x {args.batch} tokens each")
     run_info = {k: getattr(args, k) for k in ("model", "gguf_file", "random_init", "layer", "data", "ctx",
                                               "model_batch", "batch", "normalize", "seed", "act_dtype")}
@@ -420,12 +417,15 @@ def run(args):
         return (x * scale for x in lm.shuffled(lm.timed(source(), clock), int(args.buffer), args.batch, gen))
     saes, timing = {}, {}
     for name, cfg in cfgs.items():
-        sae, log, timing[name] = train_one(args, name, cfg, batches, scale, run_info, net.dev, say)
+        sae, log, timing[name] = train_one(args, name, cfg, batches, scale, run_info, fp, net.dev, say)
         saes[name], timing[name]["source"] = (sae, log), acts_info["source"]
     t0 = time.time()
     res = dict(run=run_info, scale=scale, configs={n: asdict(c) for n, c in cfgs.items()},
                **evaluate(args, net, eval_ids, cfgs, saes, scale))
     eval_s = time.time() - t0
+    for name, r in res["saes"].items():        # worse than predicting the mean activation: say so, even --quiet
+        if r["fvu"] > 1:
+            print(f"warning: SAE {name!r} has FVU {r['fvu']:.3f} > 1 on the held-out tokens", file=sys.stderr)
     for name, (sae, log) in saes.items():       # our checkpoint (exact reload) and the SAELens layout
         raw = lm.fold(sae, scale)
         c2r.save(raw, os.path.join(args.out, f"{name}.pt"), act_scale=scale, run=run_info, log=log)
@@ -437,9 +437,9 @@ def run(args):
     print(table(res))
     try:
         if any(g["absorption"] for g in res["groups"]):        # a figure of absorption, where there is some
-            plot(res, os.path.join(args.out, "results.png"))
+            lm.plot(res, os.path.join(args.out, "results.png"))
     except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+        print("matplotlib is not installed: no figure (pip install matplotlib)", file=sys.stderr)
     return res, {n: s for n, (s, _) in saes.items()}
 
 

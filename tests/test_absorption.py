@@ -3,7 +3,6 @@ functions on the same inputs (skipped where sae_bench is not installed). Tiny to
 "models" built here: no download, seconds on a CPU."""
 
 import json
-import os
 import random
 import statistics
 import string
@@ -18,39 +17,21 @@ pytest.importorskip("sklearn", reason="absorption's k-sparse probes are scikit-l
 
 import absorption as ab  # noqa: E402
 import c2r  # noqa: E402
+from test_gpt2 import tiny_tokenizer as gpt2_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def tiny_tokenizer(folder, n_per_letter=8, seed=0):
-    """A GPT-2 byte-level BPE tokenizer: the 256 byte symbols, plus merges that make each of
-    n_per_letter random ' word's per letter (and ' has', ' the', ' first', ' letter', and each
-    ' X') one token.
-    Merges only ever extend a 'Ġ...' prefix, so they never compete."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    sym, extra = [], 0
-    for c in range(256):
-        sym.append(chr(c) if c in keep else chr(256 + extra))
-        extra += c not in keep
+    """test_gpt2's GPT-2 byte-level BPE tokenizer, with n_per_letter random ' word's per letter,
+    ' has', ' the', ' first', ' letter' and each ' X' one token (so all prompts have one length)."""
     g = random.Random(seed)
     words = {"has", "the", "first", "letter"}
     for l in ab.LETTERS:
         while sum(w[0] == l for w in words) < n_per_letter:
             w = l + "".join(g.choice(ab.LETTERS) for _ in range(g.randint(2, 4)))
             words.add(w.capitalize() if g.random() < 0.2 else w)
-    vocab, merges = {s: i for i, s in enumerate(sym)}, []
-    for w in sorted(words | set(string.ascii_letters)):     # ' X' one token too: all prompts one length
-        cur = "Ġ"
-        for ch in w:
-            if cur + ch not in vocab:
-                merges.append(f"{cur} {ch}")
-                vocab[cur + ch] = len(vocab)
-            cur += ch
-    vocab["<|endoftext|>"] = len(vocab)
-    os.makedirs(folder, exist_ok=True)
-    json.dump(vocab, open(os.path.join(folder, "vocab.json"), "w"))
-    open(os.path.join(folder, "merges.txt"), "w").write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = transformers.GPT2Tokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    tok = gpt2_tokenizer(folder, sorted(words | set(string.ascii_letters)))
     tok.pad_token = tok.eos_token
     return tok
 
@@ -333,12 +314,15 @@ def test_probe_training_matches_saebench(sb):
     x, y = torch.randn(300, 16, generator=g), torch.arange(300) % 26
     x[torch.arange(300), y % 16] += 2.0
     Y = F.one_hot(y, 26)
-    for kw, ours in ((dict(batch_size=64, weight_decay=1e-4), dict(batch=64, wd=1e-4)),
-                     (dict(batch_size=4096, weight_decay=1e-6, extra_loss_fn=lambda p, _x, _y: 0.01 * p.weights.abs().sum(-1).mean()),
-                      dict(batch=4096, wd=1e-6, l1=0.01))):
+    cpu = torch.device("cpu")
+    theirs = (  # as train_linear_probe_for_task and train_k_sparse_probes call them
+        lambda: sb.probing.train_multi_probe(x, Y, num_probes=26, batch_size=64, num_epochs=4, lr=1e-2,
+                                             weight_decay=1e-4, show_progress=False, device=cpu),
+        lambda: sb.ks.train_sparse_multi_probe(x, Y, device=cpu, l1_decay=0.01, batch_size=4096, num_epochs=4,
+                                               show_progress=False))
+    for fit, ours in zip(theirs, (dict(batch=64, wd=1e-4), dict(batch=4096, wd=1e-6, l1=0.01))):
         torch.manual_seed(7)
-        p = sb.probing.train_multi_probe(x, Y, num_probes=26, num_epochs=4, lr=1e-2, show_progress=False,
-                                         device=torch.device("cpu"), **kw)
+        p = fit()
         torch.manual_seed(7)
         W, b = ab.train_probe(x, Y, epochs=4, **ours)
         torch.testing.assert_close(W, p.weights.detach(), atol=1e-6, rtol=0)
@@ -364,6 +348,7 @@ def test_pipeline_matches_saebench(sb, tok, tmp_path, monkeypatch):
     W_dec = torch.randn(Fn, D, generator=g)
     W_dec[torch.arange(Fn), torch.arange(Fn) % 26] += 2.0 * (torch.arange(Fn) < 60)
     sae = sae_from(0.6 * F.normalize(W_dec, dim=1).T, W_dec, torch.full((Fn,), -0.35))
+    monkeypatch.setattr(ab, "MAX_K", 3)             # SAEBench's max_k_value, 10 by default: time
     data = ab.prepare(tok, resid_fn, device="cpu", seed=seed, batch=16)
     res = ab.score(sae, data, bootstrap=0)
 
@@ -375,10 +360,10 @@ def test_pipeline_matches_saebench(sb, tok, tmp_path, monkeypatch):
     torch.testing.assert_close(data["W"], probe.weights.detach(), atol=1e-6, rtol=0)
     torch.manual_seed(seed)
     metrics = sb.ks.run_k_sparse_probing_experiment(
-        stub, sbsae, L, "toy", max_k_value=10, prompt_template=ab.TEMPLATE, prompt_token_pos=-6, device="cpu",
+        stub, sbsae, L, "toy", max_k_value=3, prompt_template=ab.TEMPLATE, prompt_token_pos=-6, device="cpu",
         experiment_dir=tmp_path / "ks", force=True, verbose=False, **kw)
     raw = sb.fa.run_feature_absortion_experiment(
-        stub, sbsae, L, "toy", max_k_value=10, prompt_template=ab.TEMPLATE, prompt_token_pos=-6, device="cpu",
+        stub, sbsae, L, "toy", max_k_value=3, prompt_template=ab.TEMPLATE, prompt_token_pos=-6, device="cpu",
         experiment_dir=tmp_path / "fa", sparse_probing_experiment_dir=tmp_path / "ks", force=True, **kw)
     agg = sb.main._aggregate_results_df(raw)
 
@@ -390,7 +375,8 @@ def test_pipeline_matches_saebench(sb, tok, tmp_path, monkeypatch):
     for r in res["letters"]:
         assert r["main_latents"] == list(split[r["letter"]])
         row = metrics[metrics["letter"] == r["letter"]].iloc[0]
-        assert r["k_sparse_f1"] == pytest.approx([row[f"f1_sparse_sae_{k + 1}"] for k in range(len(r["k_sparse_f1"]))], abs=1e-6)
+        f1_k = [row[f"f1_sparse_sae_{k + 1}"] for k in range(len(r["k_sparse_f1"]))]
+        assert r["k_sparse_f1"] == pytest.approx(f1_k, abs=1e-6)
     raw = raw[raw["letter"].isin(kept)]
     assert len(raw) == len(res["per_word"]["letter"])
     assert list(raw["token"]) == [data["words_te"][i] for i in res["per_word"]["word"]]
@@ -403,3 +389,4 @@ def test_pipeline_matches_saebench(sb, tok, tmp_path, monkeypatch):
     # not a vacuous match: the toy has absorption of both kinds, and words where it is partial
     fr = torch.tensor(res["per_word"]["absorption_fraction"])
     assert ((fr > 0) & (fr < 1)).any() and (fr == 1).any() and sum(res["per_word"]["full_absorption"]) > 0
+    assert any(r["n_split"] > 1 for r in res["letters"])          # the F1-jump rule took a second latent

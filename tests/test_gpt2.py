@@ -25,9 +25,9 @@ WORDS = ("apple ant arm axe bat bee bed box cat cow cup car dog den dot dig egg 
          "gum gap hat hen hog hut ink ivy jam jet kit kid log leg map mud net nut owl oak pig pan").split()
 
 
-def tiny_tokenizer(folder):
+def tiny_tokenizer(folder, words=WORDS):
     """A real GPT-2 byte-level BPE tokenizer with a small vocabulary: the 256 byte symbols plus
-    merges that make each ' word' of WORDS a single token."""
+    merges that make each ' word' of `words` a single token (tests/test_absorption.py uses it too)."""
     # GPT-2's byte -> symbol table: printable bytes stand for themselves, the rest move to 256+
     keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
     sym, extra = [], 0
@@ -35,7 +35,7 @@ def tiny_tokenizer(folder):
         sym.append(chr(c) if c in keep else chr(256 + extra))
         extra += c not in keep
     vocab, merges = {s: i for i, s in enumerate(sym)}, []
-    for w in WORDS:
+    for w in words:
         cur = "Ġ"
         for ch in w:
             if cur + ch not in vocab:
@@ -498,3 +498,127 @@ def test_streamed_dataset_contexts(tiny, monkeypatch):
     ev, tr = lm.contexts("someone/tokenised", tok, ctx=8, n_eval=1, vocab_size=len(tok))
     assert ev[0, 1:].tolist() == list(range(7)) and next(tr)[1:].tolist() == list(range(7, 14))
 
+
+
+def test_resume_refuses_changed_inputs(tiny, tmp_path):
+    """A checkpoint carries a fingerprint of the text and model files: --resume refuses a changed,
+    added or removed file, naming it, and resumes when they are back as they were."""
+    model_dir, text, model, tok = tiny
+    (tmp_path / "text").mkdir()
+    a = tmp_path / "text" / "a.txt"
+    a.write_text(open(text).read())
+    (tmp_path / "m").mkdir()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    go = lambda *extra: tg.run(args_for(tiny, tmp_path / "out", "--data", str(tmp_path / "text"), "--model",
+                                        str(tmp_path / "m"), "--runs", "c2r_lambda=0", *extra))
+    go()
+    orig = a.read_text()
+    a.write_text(orig.replace("apple", "bat"))
+    with pytest.raises(ValueError, match=r"--resume: .*a\.txt changed since the checkpoint .*lam0\.ckpt\.pt "
+                                         r"was written \(size .*sha256"):
+        go("--resume")
+    a.write_text(orig)
+    (tmp_path / "text" / "new.txt").write_text("cat dog\n")
+    with pytest.raises(ValueError, match=r"a file was added to --data: .*new\.txt"):
+        go("--resume")
+    os.unlink(tmp_path / "text" / "new.txt")
+    w = tmp_path / "m" / "model.safetensors"
+    blob = bytearray(w.read_bytes())
+    blob[-1] ^= 1                                       # one bit of one weight
+    w.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"model\.safetensors changed"):
+        go("--resume")
+    blob[-1] ^= 1
+    w.write_bytes(bytes(blob))
+    res, _ = go("--resume")                             # all as it was: it resumes (nothing left to train)
+    assert res["timing"]["lam0"]["steps"] == 0
+    ck = tmp_path / "out" / "lam0.ckpt.pt"                # a checkpoint from before fingerprints: refused too
+    sae, extra = c2r.load(ck)
+    c2r.save(sae, ck, **{k: v for k, v in extra.items() if k != "inputs"})
+    with pytest.raises(ValueError, match=r"the checkpoint .*lam0\.ckpt\.pt does not record .*predates fingerprints"):
+        go("--resume")
+
+
+def test_cache_refuses_other_text(tiny, tmp_path):
+    _, text, _, _ = tiny
+    a = tmp_path / "a.txt"
+    a.write_text(open(text).read())
+    go = lambda: tg.run(args_for(tiny, tmp_path / "out", "--data", str(a), "--cache", str(tmp_path / "c"),
+                                 "--runs", "c2r_lambda=0"))
+    go()
+    a.write_text(open(text).read().replace("apple", "bat"))
+    with pytest.raises(ValueError, match=r"--cache .*other settings .*a\.txt changed since the cache was written"):
+        go()
+
+
+def test_data_must_be_regular_utf8_text(tiny, tmp_path):
+    import signal
+    _, _, _, tok = tiny
+    bad = {"latin1.txt": "café olé ".encode("latin-1") * 50, "utf16.txt": "cat dog ".encode("utf-16") * 50,
+           "binary.txt": bytes(range(256)) * 4, "nul.txt": b"cat\0dog " * 50}
+    for name, blob in bad.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=rf"{name} is not (UTF-8 )?text"):
+            lm.contexts(str(tmp_path / name), tok, 8, 1, len(tok))
+    signal.alarm(20)                                    # a FIFO opened for reading would block forever
+    try:
+        os.mkfifo(tmp_path / "fifo.txt")
+        with pytest.raises(ValueError, match="fifo.txt.*not a regular file"):
+            lm.contexts(str(tmp_path / "fifo.txt"), tok, 8, 1, len(tok))
+        (tmp_path / "d").mkdir()
+        os.mkfifo(tmp_path / "d" / "pipe.txt")
+        with pytest.raises(ValueError, match="no regular .txt files"):
+            lm.contexts(str(tmp_path / "d"), tok, 8, 1, len(tok))
+        (tmp_path / "d" / "ok.txt").write_text(" ".join(WORDS) * 5)
+        assert lm.data_files(str(tmp_path / "d")) == [str(tmp_path / "d" / "ok.txt")]
+        ev, _ = lm.contexts(str(tmp_path / "d"), tok, 8, 1, len(tok))
+        assert ev.shape == (1, 8)
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--ctx", "1"), ("--model-batch", "0"),
+                                        ("--ckpt-every", "0"), ("--tokens", "nan"), ("--tokens", "inf"),
+                                        ("--tokens", "0"), ("--eval-tokens", "-5"), ("--buffer", "nan"),
+                                        ("--layer", "-1"), ("--probe-words", "-1"), ("--batch", "2.5")])
+def test_bad_flags_exit_2(tiny, tmp_path, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        args_for(tiny, tmp_path, flag, value)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_flags_checked_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    real = lm.load_model
+    monkeypatch.setattr(lm, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    (tmp_path / "file").write_text("")
+    for extra, msg in [(("--out", ""), "--out is empty"),
+                       (("--out", str(tmp_path / "file" / "sub")), "--out .*not a writable"),
+                       (("--runs", "c2r_lambda=0", "k=0"), "run 'k0'.*k"), (("--runs", "lr=nan"), "lr"),
+                       (("--tokens", "100"), "less than one batch")]:
+        with pytest.raises(ValueError, match=msg):
+            tg.run(args_for(tiny, tmp_path / "out", *extra))
+    monkeypatch.setattr(lm, "load_model", real)      # these need the model's config, but not its weights
+    no_weights = lambda *a, **k: pytest.fail("the weights loaded before the check")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(ValueError, match="--ctx 2000 is beyond the model's 1024 positions"):
+        tg.run(args_for(tiny, tmp_path / "out", "--ctx", "2000"))
+    with pytest.raises(ValueError, match=r"--layer 2 is out of range: the model has 2 blocks \(0..1\)"):
+        tg.run(args_for(tiny, tmp_path / "out", "--layer", "2"))
+
+
+def test_warnings_reach_stderr_even_quiet(tiny, tmp_path, monkeypatch, capsys):
+    """--resume with no checkpoint, and an SAE whose held-out FVU is above 1 (here its decoder
+    wrecked after training), are said on stderr under --quiet too."""
+    real_fold = lm.fold
+
+    def wrecked(sae, scale):
+        out = real_fold(sae, scale)
+        with torch.no_grad():
+            out.b_dec_D.add_(100.0)
+        return out
+    monkeypatch.setattr(lm, "fold", wrecked)
+    res, _ = tg.run(args_for(tiny, tmp_path, "--resume", "--runs", "c2r_lambda=0"))
+    err = capsys.readouterr().err
+    assert "lam0: --resume found no checkpoint" in err
+    assert res["saes"]["lam0"]["fvu"] > 1 and "warning: SAE 'lam0' has FVU" in err

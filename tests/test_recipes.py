@@ -1,7 +1,8 @@
 """README's "Use C²R in your trainer": the C²R block of c2r.py pasted alone, and the two recipes,
-run exactly as written (the strings below are what README shows) on stand-in SAEs."""
+read out of README.md and run exactly as written on stand-in SAEs."""
 
 import ast
+import os
 import re
 
 import pytest
@@ -13,39 +14,19 @@ from conftest import c2r_reference
 
 torch.set_num_threads(1)
 
-RECIPE_DENSE = """
-from c2r import c2r_loss, nearest_neighbours      # or paste c2r.py's C²R block
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-lam, R = 0.1, 10                                  # C²R weight; refresh the neighbour table every R steps
-for step, x_BD in enumerate(batches):
-    acts_BF = sae.encode(x_BD)                    # dense codes [B, F] (after TopK, for a TopK SAE)
-    x_hat_BD = sae.decode(acts_BF)
-    if step % R == 0:                             # an exact search costs O(F^2 D): not every step
-        nbr_F = nearest_neighbours(sae.W_dec)     # W_dec is [F, D], a latent per row (else pass W_dec.T)
-    loss = (x_hat_BD - x_BD).pow(2).sum(-1).mean() + lam * c2r_loss(acts_BF, sae.W_dec, nbr_F=nbr_F)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-"""
 
-RECIPE_SPARSE = """
-from c2r import c2r_penalty, code_norms, nearest_neighbours     # or paste c2r.py's C²R block
+def readme_recipe(title):
+    """The first python block after `title` in README.md: the recipes are tested as the README shows them."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    m = re.search(re.escape(title) + r".*?```python\n(.*?)```", text, re.S)
+    assert m, f"README.md has lost its {title} recipe"
+    return m[1]
 
-lam, R = 0.1, 10                                  # C²R weight; refresh the neighbour table every R steps
-for step, x_BD in enumerate(batches):
-    vals_BK, idx_BK = sae.encode(x_BD)            # each sample's k kept codes and their latents [B, k]
-    x_hat_BD = sae.decode(vals_BK, idx_BK)
-    if step % R == 0:                             # an exact search costs O(F^2 D): not every step
-        nbr_F = nearest_neighbours(sae.W_dec)     # W_dec is [F, D], a latent per row (else pass W_dec.T)
-    a_F = code_norms(vals_BK.flatten(), idx_BK.flatten(), sae.W_dec.shape[0])   # ||acts[:, i]||_2, no [B, F]
-    # unit_rows=True skips normalising W_dec's rows. Right only if your trainer keeps them at unit norm
-    # AND removes the gradient's radial part before each step (sparsify's normalize_decoder does both)
-    penalty = c2r_penalty(a_F, sae.W_dec, nbr_F, unit_rows=False)
-    loss = (x_hat_BD - x_BD).pow(2).sum(-1).mean() + lam * penalty
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-"""
+
+RECIPE_DENSE = readme_recipe("**Dense codes**")
+RECIPE_SPARSE = readme_recipe("**Sparse codes**")
 
 
 class DenseSAE(torch.nn.Module):
