@@ -7,13 +7,17 @@ Speed of one SAE training step, side by side, and of c2r_loss alone (README, Spe
 
 The step rows, all TopK with the same SAE, optimiser and batch:
   ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
-  ours + C²R      the same with C²R (lambda 5, alpha 1), neighbour table refreshed every R steps
+  ours + C²R      the same with C²R (lambda 5, alpha 1) and c2r.train's rolling neighbour search: F/R
+                  rows a step (R: Config's default, ceil(F / 512), unless --nbr-every), m candidates
+                  re-ranked every step. After the timed steps, --err-steps more measure how far its
+                  penalty is from the exact one (a fresh full search), on the same decoder and codes
   dense           a straightforward step: dense codes, dense decode, dense backward, no C²R
   dense + chunked the same with C²R as the authors' code computes it, every step: the latents cut
                   into random chunks of 8,192, a cosine matrix per chunk (neighbours within the
                   chunk), a_F from the dense [B, F] code matrix; written here from that description
-ms/step is the mean over a whole number of R-step periods, so the table refreshes are paid for;
-the median is printed too. Every row runs in its own fresh process, so memory is its own:
+ms/step is the mean over the timed steps (every step of the rolling search costs the same; a fresh
+SAE's first step, which searches every row once, is a warmup step); the median is printed too.
+Every row runs in its own fresh process, so memory is its own:
 peak torch.cuda.max_memory_allocated on GPU, on CPU the growth of the process's peak RSS
 (ru_maxrss) over the steps (model and data excluded: torch's CPU allocator has no peak counter).
 """
@@ -28,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -100,6 +105,30 @@ def dense_train(sae, batches, cfg, chunked):
         sae.renorm_()
 
 
+def penalty_error(sae, batches, errs, steps, start=0):
+    """Wraps `batches` for c2r.train(sae, batches, on_step=...): at each step in `steps` the relative
+    error |C²R(train()'s table) / C²R(exact table) - 1|, both on the decoder and codes of that step
+    (the codes recomputed here, in fp32), is appended to errs; `batches` start at step `start`.
+    Returns (batches, on_step)."""
+    now = {}
+
+    def wrapped():     # runs just before each step, on the SAE that step starts from
+        for t, x in enumerate(batches, start):
+            if t in steps:
+                with torch.no_grad():
+                    x_ = x.to(sae.W_dec_FD.device, sae.W_dec_FD.dtype)
+                    now[t] = sae.W_dec_FD.detach().clone(), torch.linalg.vector_norm(sae.encode(x_), dim=0)
+            yield x
+
+    def on_step(step, opt, log):     # sae.nbr_F: the table step `step` used (the update does not touch it)
+        if step in now:
+            W, a_F = now.pop(step)
+            exact = c2r.c2r_penalty(a_F, W, c2r.nearest_neighbours(W)).item()
+            got = c2r.c2r_penalty(a_F, W, sae.nbr_F).item()
+            errs.append(abs(got / exact - 1) if exact > 0 else 0.0)
+    return wrapped(), on_step
+
+
 def maxrss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
 
@@ -119,17 +148,11 @@ def peak_memory(dev, rss0):
 def step_row(a, row, n_latents):
     """One row of the step table, run in this (fresh) process."""
     dev = torch.device(a.device)
-    R = a.nbr_every
-    W = -(-a.warmup // R) * R                     # whole R-periods: refreshes included in the mean
-    N = -(-a.steps // R) * R
+    W, N = a.warmup, a.steps
     P = 5 if a.profile else 0                     # profiled steps, after the timed ones
-    cfg = c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k,
-                     c2r_lambda=a.c2r_lambda if "C²R" in row else 0.0, c2r_alpha=1.0, nbr_every=R,
-                     steps=W + N + P + 1, warmup=0.0, decay=0.0, log_every=10**9, seed=0, bf16=a.amp == "bf16")
+    cfg = step_config(a, n_latents, "C²R" in row, W + N + P + 1)
     sae = c2r.SAE(cfg).to(dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    xs = [torch.randn(a.batch, a.d_model, device=dev, generator=g) for _ in range(4)]
-    stamps, prof = [], None
+    xs, stamps, prof = batches_of(a, dev), [], None
     if a.profile:
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         prof = torch.profiler.profile(activities=acts)
@@ -149,7 +172,66 @@ def step_row(a, row, n_latents):
             f.write(f"{row}, {n_latents} latents, {P} steps\n")
             f.write(prof.key_averages().table(sort_by=key, row_limit=40))
     return dict(row=row, n_latents=n_latents, ms=statistics.fmean(ms), ms_median=statistics.median(ms),
-                tok_s=a.batch / statistics.fmean(ms) * 1e3, mem_mib=peak_memory(dev, rss0), steps=N, R=R)
+                tok_s=a.batch / statistics.fmean(ms) * 1e3, mem_mib=peak_memory(dev, rss0), steps=N, R=cfg.nbr_period())
+
+
+def step_config(a, n_latents, with_c2r, steps):
+    return c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k,
+                      c2r_lambda=a.c2r_lambda if with_c2r else 0.0, c2r_alpha=1.0, nbr_every=a.nbr_every,
+                      nbr_cands=a.nbr_cands, steps=steps, warmup=0.0, decay=0.0, log_every=10**9, seed=0,
+                      bf16=a.amp == "bf16")
+
+
+def batches_of(a, dev):      # 4 batches of Gaussian noise, cycled: the speed does not depend on the data
+    g = torch.Generator(device=dev).manual_seed(0)
+    return [torch.randn(a.batch, a.d_model, device=dev, generator=g) for _ in range(4)]
+
+
+def pair_row(a, n_latents):
+    """`ours + C²R` and its twin without C²R (`ours`) in one process, in alternating blocks of
+    --block steps on the same batches, so both see the same machine load: their time ratio is
+    C²R's cost even on a busy machine. Then --err-steps more steps of the C²R SAE measure how far
+    its penalty is from the exact one. Memory: the growth over both (the twin's is `ours`')."""
+    dev = torch.device(a.device)
+    W, N, E = a.warmup, a.steps, a.err_steps
+    cfgs = {"C²R": step_config(a, n_latents, True, W + N + E), "off": step_config(a, n_latents, False, W + N)}
+    saes = {r: c2r.SAE(c).to(dev) for r, c in cfgs.items()}
+    xs, opt_state, ms, errs = batches_of(a, dev), {}, {r: [] for r in cfgs}, []
+
+    def block(r, lo, hi, measure=False):     # steps lo..hi-1 of SAE r, each timed from its batch to its end
+        t0 = {}
+
+        def batches():
+            for t in range(lo, hi):
+                sync(dev)
+                t0[t] = time.perf_counter()
+                yield xs[t % len(xs)]
+
+        def on_step(step, opt, log):
+            sync(dev)
+            if W <= step < W + N:
+                ms[r].append(1e3 * (time.perf_counter() - t0[step]))
+            opt_state[r] = opt.state_dict()
+            if measure:
+                track(step, opt, log)
+        it, track = penalty_error(saes[r], batches(), errs, range(lo, hi), lo) if measure else (batches(), None)
+        c2r.train(saes[r], it, replace(cfgs[r], steps=hi), progress=False, start=lo, opt_state=opt_state.get(r),
+                  on_step=on_step)
+
+    rss0 = start_memory(dev)
+    for lo in range(0, W + N, a.block):
+        for r in cfgs:
+            block(r, lo, min(lo + a.block, W + N))
+    mem = peak_memory(dev, rss0)
+    if E:
+        block("C²R", W + N, W + N + E, measure=True)
+    pairs = [(c, o) for c, o in zip(ms["C²R"], ms["off"])]
+    return dict(row="ours + C²R", n_latents=n_latents, ms=statistics.fmean(ms["C²R"]),
+                ms_median=statistics.median(ms["C²R"]), tok_s=a.batch / statistics.fmean(ms["C²R"]) * 1e3,
+                mem_mib=mem, steps=N, R=cfgs["C²R"].nbr_period(), m=a.nbr_cands,
+                ms_twin=statistics.fmean(ms["off"]), ratio=sum(ms["C²R"]) / sum(ms["off"]),
+                ratio_median=statistics.median(c / o for c, o in pairs), err_steps=[W + N, W + N + E - 1],
+                err_mean=statistics.fmean(errs) if errs else None, err_max=max(errs) if errs else None)
 
 
 def c2r_row(a, n_latents):
@@ -206,7 +288,9 @@ def child(a, spec):
     torch.manual_seed(0)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = c2r_row(a, spec["n_latents"]) if spec["row"] == "c2r_loss" else step_row(a, spec["row"], spec["n_latents"])
+    row, n = spec["row"], spec["n_latents"]
+    res = c2r_row(a, n) if row == "c2r_loss" else pair_row(a, n) if row == "ours + C²R" and not a.profile else \
+        step_row(a, row, n)
     print("RESULT " + json.dumps(res))
 
 
@@ -218,6 +302,15 @@ def run_child(argv, spec):
             return json.loads(line[7:])
     err = (p.stderr.strip().splitlines() or ["no output"])[-1]
     return dict(spec, error=err[:200])
+
+
+def error_note(r):
+    """The penalty error of an `ours + C²R` row, for the line of its cost ratio."""
+    if r.get("err_mean") is None:
+        return ""
+    lo, hi = r["err_steps"]
+    return (f"\n{'':>30} its penalty {100 * r['err_mean']:.3f} % (max {100 * r['err_max']:.3f} %) from the exact "
+            f"one (a fresh full search), steps {lo}-{hi}")
 
 
 def fmt(v, f):
@@ -234,7 +327,13 @@ def parse(argv):
     ap.add_argument("--batch", type=int, default=None, help="tokens a step; default 4096 (GPU), 512 (CPU)")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--c2r-lambda", type=float, default=5.0, help="C²R lambda (the paper's)")
-    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="R for `ours + C²R`")
+    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
+                    help="R for `ours + C²R` (Config's default: 0, ceil(F / 512); 1: the exact search)")
+    ap.add_argument("--nbr-cands", type=int, default=c2r.Config.nbr_cands, help="m for `ours + C²R`")
+    ap.add_argument("--err-steps", type=int, default=None, help="`ours + C²R`: steps whose penalty error is "
+                    "measured, after the timed ones; default 20 (GPU), 5 (CPU)")
+    ap.add_argument("--block", type=int, default=None, help="`ours + C²R` and its twin without C²R alternate "
+                    "in blocks of this many steps; default 10 (GPU), 2 (CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps; default 20 (GPU), 3 (CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps; default 100 (GPU), 10 (CPU)")
     ap.add_argument("--amp", choices=["bf16", "none"], default=None, help="autocast; default bf16 on GPU")
@@ -251,11 +350,12 @@ def parse(argv):
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     # before the defaults below: `or` would take an explicit 0 for "not given" and time something else
-    for name in ("d_model", "batch", "k", "nbr_every", "steps", "c2r_reps"):
+    for name in ("d_model", "batch", "k", "nbr_cands", "steps", "c2r_reps", "block"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.warmup is not None and a.warmup < 0:
-        ap.error(f"--warmup must be >= 0, got {a.warmup}")
+    for name in ("warmup", "nbr_every", "err_steps"):
+        if getattr(a, name) is not None and getattr(a, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if min(a.n_latents or [2]) < 2 or min(a.c2r_latents or [2]) < 2:    # C²R needs a neighbour
         ap.error(f"--n-latents and --c2r-latents must be >= 2, got {a.n_latents} and {a.c2r_latents}")
     a.d_model = a.d_model or (768 if gpu else 256)
@@ -263,6 +363,8 @@ def parse(argv):
     a.batch = a.batch or (4096 if gpu else 512)
     a.warmup = (20 if gpu else 3) if a.warmup is None else a.warmup
     a.steps = a.steps or (100 if gpu else 10)
+    a.err_steps = (20 if gpu else 5) if a.err_steps is None else a.err_steps
+    a.block = a.block or (10 if gpu else 2)
     a.amp = a.amp or ("bf16" if gpu else "none")
     a.c2r_latents = ([24576, 65536, 131072] if gpu else [4096, 16384]) if a.c2r_latents is None else a.c2r_latents
     a.c2r_reps = a.c2r_reps or (5 if gpu else 1)
@@ -278,11 +380,13 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
     print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
-          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every}")
+          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'ceil(F / 512)'}, m={a.nbr_cands}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
     results = []
     for n in a.n_latents:
-        print(f"\n{n:,} latents: one training step ({a.steps}+ timed steps after {a.warmup}+ warmup)")
+        R = c2r.Config(n_latents=n, k=1, nbr_every=a.nbr_every).nbr_period()
+        print(f"\n{n:,} latents: one training step ({a.steps} timed steps after {a.warmup} warmup; "
+              f"C²R: R = {R}, {-(-n // R)} rows searched a step)")
         print(f"{'':>22} {'ms/step':>9} {'median':>8} {'tokens/s':>11} {mem:>30}")
         got = {}
         for row in a.rows:
@@ -294,7 +398,11 @@ def main(argv=None):
             print(f"{row:>22} {r['ms']:9.2f} {r['ms_median']:8.2f} {r['tok_s']:11,.0f} {r['mem_mib']:30.0f}",
                   flush=True)
         ok = {k: v["ms"] for k, v in got.items() if "error" not in v}
-        for num, den, what in (("ours + C²R", "ours", "C²R's cost on our step (target <= 1.10)"),
+        pair = got.get("ours + C²R", {})
+        if "ratio" in pair:     # timed against its twin without C²R, interleaved in one process
+            print(f"{'':>22} {pair['ratio']:6.2f}x  C²R's cost on our step, interleaved with a twin without C²R "
+                  f"(median over steps {pair['ratio_median']:.2f}x; target <= 1.10){error_note(pair)}")
+        for num, den, what in (("ours + C²R", "ours", "C²R's cost on our step, run by run"),
                                ("dense + chunked C²R", "dense", "chunked C²R's cost on the dense step"),
                                ("dense", "ours", "dense step / our step"),
                                ("dense + chunked C²R", "ours + C²R", "with C²R: dense + chunked / ours")):

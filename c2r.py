@@ -57,12 +57,10 @@ def c2r_loss(acts_BF, W_dec_FD, *, alpha=1.0, nbr_F=None):
 def c2r_penalty(a_F, W_dec_FD, nbr_F, *, alpha=1.0, unit_rows=False):
     """C²R from the per-latent batch norms a_F [F] (code_norms, or vector_norm(acts_BF, dim=0)),
     the decoder W_dec_FD [F, D] and a neighbour table nbr_F [F] (int64, from nearest_neighbours).
-
-    unit_rows=True skips normalising the rows, and is right only if the rows are kept at unit
-    norm AND their gradient loses its radial part before each step (as in train()): then the same
-    value and the same stepped gradient, at a third of the cost. Otherwise it is silently wrong:
-    rows off the unit sphere give dot products for cosines; unit rows stepped with the raw
-    gradient take a different step."""
+    unit_rows=True skips normalising the rows: right only if they are kept at unit norm AND their
+    gradient loses its radial part before each step (as in train()), where it gives the same value
+    and stepped gradient at a third of the cost; otherwise silently wrong (dot products for cosines,
+    or another step)."""
     n = W_dec_FD.shape[0]
     if W_dec_FD.ndim != 2 or a_F.shape != (n,) or nbr_F.shape != (n,):
         raise ValueError(f"c2r_penalty wants a_F [F], W_dec [F, D], nbr_F [F], got {tuple(a_F.shape)}, "
@@ -90,12 +88,10 @@ def c2r_penalty(a_F, W_dec_FD, nbr_F, *, alpha=1.0, unit_rows=False):
 
 @torch.no_grad()
 def nearest_neighbours(W_dec_FD, *, block=2048):
-    """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary -> int64 [F].
-
-    Exact, but computed block by block so memory is O(block * F): the F x F cosine matrix never
-    exists (65,536 latents in fp32 would need 16 GiB for it). The matrix is symmetric, so a block
-    of rows meets only itself and the rows after it: its row maxima are its own candidates, its
-    column maxima the later rows' candidates from this block. Half the flops of a full pass."""
+    """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary -> int64 [F]. Exact, block by
+    block, memory O(block * F): the F x F matrix never exists (16 GiB in fp32 at 65,536 latents). It
+    is symmetric, so a block of rows meets only itself and the rows after it: its row maxima are its
+    own candidates, its column maxima the later rows' candidates. Half the flops of a full pass."""
     n = W_dec_FD.shape[0]
     if n < 2:
         raise ValueError(f"C²R needs at least 2 latents to find neighbours, got n_latents={n}")
@@ -113,14 +109,40 @@ def nearest_neighbours(W_dec_FD, *, block=2048):
     for s in range(0, n, block):
         e = min(s + block, n)
         cos = W[s:e] @ W[s:].T                               # [block, F - s]
-        rows = torch.arange(e - s, device=W.device)
-        cos[rows, rows] = -float("inf")                      # not your own neighbour
+        cos.diagonal().fill_(-float("inf"))                  # not your own neighbour
         v, j = cos.max(dim=1)
         offer(s, v, j + s)
         if e < n:
             v, i = cos[:, e - s:].max(dim=0)
             offer(e, v, i + s)
     return nbr_F
+
+
+@torch.no_grad()
+def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False):
+    """cand_FM[lo:hi] <- the m = cand_FM.shape[1] most similar other latents of rows lo..hi-1, best first:
+    exact, over the whole dictionary, memory O(block * F). train() searches a slice of F/R rows a step,
+    so every row is renewed once per R steps at an even cost. unit_rows=True: rows kept at unit norm."""
+    W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
+    for s in range(lo, hi, block):
+        cos = W[s:min(s + block, hi)] @ W.T                  # [block, F]
+        cos.diagonal(s).fill_(-float("inf"))                 # not your own neighbour
+        cand_FM[s:s + len(cos)] = cos.topk(cand_FM.shape[1], dim=1).indices
+    return cand_FM
+
+
+@torch.no_grad()
+def rerank(W_dec_FD, cand_FM, *, block=16384, unit_rows=False):
+    """j(i) = the most similar of latent i's m candidates cand_FM [F, m] on this decoder -> nbr_F [F]: F*m
+    cosines, not F^2. Between two searches of its row a neighbour mostly swaps among near-ties, which
+    this follows exactly. In W's dtype even under autocast: a bf16 search need only get it into the m."""
+    W, nbr = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1), []
+    with torch.autocast(W.device.type, enabled=False):
+        for s in range(0, len(W), block):
+            c_BM = cand_FM[s:s + block]
+            cos_BM = torch.bmm(W[c_BM], W[s:s + block, :, None])[..., 0]
+            nbr.append(c_BM.gather(1, cos_BM.argmax(1, keepdim=True))[:, 0])
+    return torch.cat(nbr)
 
 
 def code_norms(vals_N, cols_N, n_latents):
@@ -155,8 +177,9 @@ class Config:
     c2r_lambda: float = 0.0      # weight of C²R in the loss; 0 = the baseline (no neighbour search at all)
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
-    nbr_every: int = 10          # refresh the neighbour table every R steps [steps]. R=1 is the exact definition;
-                                 # 10 leaves the toy's results unchanged and makes the search 10x rarer
+    nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
+                                 # every step, the exact definition; 0 = ceil(F / 512): ~(512 + m) / (3 batch) of a step
+    nbr_cands: int = 4           # m: each latent's candidates from its last search, re-ranked every step [latents]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
     aux_coeff: float = 1 / 32    # weight of the AuxK loss
@@ -174,8 +197,7 @@ class Config:
     seed: int = 0                # the SAE's initialisation
 
     def __post_init__(self):
-        # types first: 2.5, "3" or True for an int, a NaN or inf for a float fail here, by name,
-        # not as a shape error or a silently disabled term (nan > 0 is False) deep in train()
+        # types first: 2.5, "3", True for an int, NaN for a float fail here by name, not deep in train()
         types = {int: (numbers.Integral, "an int"), float: (numbers.Real, "a number"), bool: (bool, "True or False")}
         for f in fields(self):
             v, (want, what) = getattr(self, f.name), types.get(f.type, (object, ""))
@@ -202,10 +224,11 @@ class Config:
                 ("k", self.kind == "relu" or 1 <= self.k <= self.n_latents, f"in [1, n_latents={self.n_latents}]"),
                 ("c2r_lambda", self.c2r_lambda >= 0, ">= 0"), ("c2r_alpha", self.c2r_alpha > 0, "> 0"),
                 ("n_latents", self.c2r_lambda == 0 or self.n_latents >= 2, ">= 2 for C²R (c2r_lambda > 0)"),
-                ("l1_coeff", self.l1_coeff >= 0, ">= 0"), ("nbr_every", self.nbr_every >= 1, ">= 1"),
-                ("aux_k", self.aux_k >= 0, ">= 0"), ("aux_coeff", self.aux_coeff >= 0, ">= 0"),
-                ("dead_tokens", self.dead_tokens >= 0, ">= 0"), ("steps", self.steps >= 1, ">= 1"),
-                ("lr", self.lr > 0, "> 0"), ("clip_grad", self.clip_grad >= 0, ">= 0 (0: no clipping)"),
+                ("l1_coeff", self.l1_coeff >= 0, ">= 0"), ("nbr_every", self.nbr_every >= 0, ">= 0 (0: F / 512)"),
+                ("nbr_cands", self.nbr_cands >= 1, ">= 1"), ("aux_k", self.aux_k >= 0, ">= 0"),
+                ("aux_coeff", self.aux_coeff >= 0, ">= 0"), ("dead_tokens", self.dead_tokens >= 0, ">= 0"),
+                ("steps", self.steps >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
+                ("clip_grad", self.clip_grad >= 0, ">= 0 (0: no clipping)"),
                 *[(name, 0 <= getattr(self, name) <= 1, "a fraction of the steps, in [0, 1]")
                   for name in ("c2r_warmup", "warmup", "decay", "l1_warmup")],
                 ("warmup + decay", self.warmup + self.decay <= 1, "<= 1 (the LR would jump where they overlap)"),
@@ -213,6 +236,9 @@ class Config:
             if not ok:
                 got = getattr(self, name, f"{self.warmup} + {self.decay}")
                 raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
+
+    def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width gets its own
+        return self.nbr_every or -(-self.n_latents // 512)
 
 
 class SAE(nn.Module):
@@ -229,9 +255,9 @@ class SAE(nn.Module):
         # statistics, updated by the train step (never by a loss)
         self.register_buffer("threshold", torch.tensor(0.0))               # batchtopk inference
         self.register_buffer("tokens_since_fired", torch.zeros(Fn, dtype=torch.long))
-        # C²R's neighbour table, refreshed by train() every nbr_every steps; a buffer so that a
-        # checkpoint taken between two refreshes resumes with the very table it was using
+        # C²R's table and each latent's m candidates (-1: never searched): buffers, so a resume is exact
         self.register_buffer("nbr_F", torch.full((Fn,), -1, dtype=torch.long))
+        self.register_buffer("nbr_cand_FM", torch.full((Fn, max(1, min(cfg.nbr_cands, Fn - 1))), -1))
 
     def check(self, x_BD):
         if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_model:
@@ -290,9 +316,8 @@ class SAE(nn.Module):
 
 @torch.no_grad()
 def geometric_median(x_BD, iters=50, eps=1e-8):
-    """Weiszfeld's algorithm. b_dec starts here rather than at the mean: the median is not
-    dragged by the few huge-norm tokens that real residual streams have (e.g. the BOS-like
-    'massive activations'), and on clean data it is close to the mean anyway."""
+    """Weiszfeld's algorithm. b_dec starts here rather than at the mean: the median is not dragged by the
+    few huge-norm tokens of real residual streams ('massive activations'); on clean data it is the mean."""
     m = x_BD.mean(0)
     for _ in range(iters):
         w = 1 / (x_BD - m).norm(dim=1).clamp(min=eps)
@@ -348,7 +373,6 @@ def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, prefixes=None):
 
 def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
-
     Returns (sae, log): log holds a dict (step, loss, fvu, l0, c2r, dead) every cfg.log_every steps
     and at the last; c2r is None when c2r_lambda = 0. Step 0 sets b_dec to the geometric median of
     the first batch, so to fine-tune a trained SAE pass start > 0. To resume an interrupted run:
@@ -356,7 +380,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint)."""
     cfg = replace(cfg or sae.cfg)     # a validated copy: fields set after construction are checked too
     # cfg may change how to train, not what the SAE is: activate() and the losses read sae.cfg
-    differ = [f for f in ("d_model", "n_latents", "kind", "k", "prefixes", "aux_k")
+    differ = [f for f in ("d_model", "n_latents", "kind", "k", "prefixes", "aux_k", "nbr_cands")
               if getattr(cfg, f) != getattr(sae.cfg, f)]
     if differ:
         raise ValueError(f"cfg and sae.cfg differ in {', '.join(differ)}: build the SAE from this cfg")
@@ -364,8 +388,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
         raise ValueError(f"start must be a step in [0, steps={cfg.steps}], got start={start!r}")
     dev = sae.W_dec_FD.device
     if torch.is_autocast_enabled(dev.type):
-        # autocast caches its bf16 copy of each weight until the context exits: around the whole
-        # loop, every step would run the forward with the weights of step 0
+        # autocast caches its bf16 copy of each weight until it exits: every step would use step 0's weights
         raise ValueError("do not call train() inside torch.autocast (it would keep the bf16 weights of "
                          "the first step for the whole run): set Config.bf16=True instead")
     # fused: one kernel for the whole update on the GPU (as nanoGPT); the CPU keeps the default
@@ -373,9 +396,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     it, log = iter(batches), []
-    # The loop waits for the GPU only at log steps (and in aux_loss): no .item(), no `if tensor`,
-    # no boolean indexing, so the CPU can queue the next step while the GPU runs this one.
-    # A non-finite loss is therefore recorded on the device, and checked at the log steps.
+    # The loop waits for the GPU only at log steps (and in aux_loss): no .item(), no `if tensor`, no boolean
+    # indexing, so the CPU queues the next step while the GPU runs this one; a NaN loss is checked at log steps.
     bad_loss = torch.zeros((), dtype=torch.bool, device=dev)
     bad_batch = torch.zeros((), dtype=torch.bool, device=dev)
     checked = start
@@ -410,13 +432,11 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 a_F = code_norms(vals_N, cols_N, cfg.n_latents)
             loss = recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
             if cfg.kind == "matryoshka":
-                # the mean over the nested prefixes, as the reference code (the paper's sum up to a constant
-                # factor, the number of prefixes); the last, the whole dictionary, is `recon`, already decoded
+                # the mean over the prefixes, as the reference code; the last (all latents) is `recon`, decoded
                 loss = torch.cat([prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, cfg.prefixes[:-1]),
                                   recon[None]]).mean()
             if cfg.kind == "relu":
-                # plain L1 of the codes: the rows are unit norm, so the factor ||w_i|| is 1 up to rounding
-                # (kept so that runs repeat bit for bit; dropping it moves the toy's 3rd decimals)
+                # plain L1: the rows are unit norm, ||w_i|| = 1 up to rounding (kept: runs repeat bit for bit)
                 l1 = (acts_BF * sae.W_dec_FD.norm(dim=1)).sum(-1).mean()
                 loss = loss + cfg.l1_coeff * ramp(step, cfg.l1_warmup, cfg.steps) * l1
             else:
@@ -424,8 +444,12 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 loss = loss + cfg.aux_coeff * aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F)
             c2r = None                                        # lambda = 0: no search, nothing logged
             if cfg.c2r_lambda > 0:
-                if step % cfg.nbr_every == 0 or (step == start and sae.nbr_F[0] < 0):
-                    sae.nbr_F.copy_(nearest_neighbours(sae.W_dec_FD))
+                # the rolling search: slice t of R searched afresh, then every latent's m candidates re-ranked
+                R, n, W, C = cfg.nbr_period(), cfg.n_latents, sae.W_dec_FD, sae.nbr_cand_FM
+                if step == start and R > 1 and C[0, 0] < 0:     # a fresh SAE: every row once, to start
+                    search_rows_(W, C, 0, n, unit_rows=True)
+                search_rows_(W, C, step % R * n // R, (step % R + 1) * n // R, unit_rows=True)
+                sae.nbr_F.copy_(rerank(W, C, unit_rows=True))
                 c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, alpha=cfg.c2r_alpha, unit_rows=True)
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         bad_loss |= ~torch.isfinite(loss)
@@ -474,18 +498,15 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
 # -----------------------------------------------------------------------------
 # Metrics and checkpoints
 
-def fvu(x_BD, x_hat_BD):
-    """Fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2."""
+def fvu(x_BD, x_hat_BD):      # fraction of variance unexplained: sum |x - x_hat|^2 / sum |x - mean(x)|^2
     return (x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum()
 
 
-def l0(acts_BF):
-    """Mean number of active latents per sample."""
+def l0(acts_BF):              # mean number of active latents per sample
     return (acts_BF != 0).float().sum(1).mean()
 
 
-def dead_fraction(acts_NF):
-    """Fraction of latents that never fire on these samples."""
+def dead_fraction(acts_NF):   # fraction of latents that never fire on these samples
     return ((acts_NF != 0).sum(0) == 0).float().mean()
 
 
@@ -562,8 +583,7 @@ def first_sentence(e):     # torch's messages run on for lines, with advice that
 
 def read_checkpoint(path, map_location):
     """torch.load(path) for load(), with every way the file can be wrong as one line naming it."""
-    def refuse(why):
-        return ValueError(f"cannot load {path}: {why}")
+    refuse = lambda why: ValueError(f"cannot load {path}: {why}")     # noqa: E731
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise refuse("the file is empty")
     try:
@@ -593,7 +613,7 @@ def load(path, map_location="cpu"):
         state = obj.pop("state")
         # on map_location's device and in the saved dtype: load_state_dict alone would copy into a CPU fp32 SAE
         sae = SAE(cfg).to(state["W_dec_FD"].device, state["W_dec_FD"].dtype)
-        sae.load_state_dict(state)
+        sae.load_state_dict({"nbr_cand_FM": sae.nbr_cand_FM, **state})     # older files have no candidates
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
         raise ValueError(f"cannot load {path}: its config or weights do not make an SAE "
                          f"({type(e).__name__}: {first_sentence(e)})") from None

@@ -385,7 +385,8 @@ def parser():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-eval", type=int, default=8192, help="held-out samples the metrics are computed on")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="C²R neighbour refresh every R steps")
+    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
+                    help="C²R search period R: F/R rows searched a step (1: exact; 0: ceil(F / 512))")
     ap.add_argument("--sweep", action="store_true", help="trade-off curves: every method across its knob")
     ap.add_argument("--compare", action="store_true", help="BatchTopK, Matryoshka ± C²R on 2 toys, with stability")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
@@ -398,7 +399,7 @@ def check(ap, args, jobs):
     """Every flag and every run's c2r.Config, before any work: a mistake found after minutes of
     training costs those minutes (an unwritable --out: the whole sweep). Exits with status 2."""
     for name in "n_latents k steps batch n_eval nbr_every jobs lr c2r_alpha c2r_lambda l1_coeff".split():
-        v, zero_ok = getattr(args, name), name in ("c2r_lambda", "l1_coeff")
+        v, zero_ok = getattr(args, name), name in ("c2r_lambda", "l1_coeff", "nbr_every")
         if v is not None and not (math.isfinite(v) and (v >= 0 if zero_ok else v > 0)):   # NaN fails both
             ap.error(f"--{name.replace('_', '-')} must be {'>=' if zero_ok else '>'} 0, got {v}")
     if len(set(args.seeds)) < len(args.seeds):     # the std over seeds would count one run twice

@@ -24,3 +24,9 @@ def c2r_reference(acts_BF, W_dec_FD, alpha=1.0):
     x = a + a[j]
     x = torch.where(x > 0, torch.where(x > 0, x, 1.0) ** alpha, 0.0)
     return (x * best.clamp(min=0) ** 2).mean()
+
+
+def candidates_reference(W_dec_FD, m):
+    """Each latent's m most similar other latents, best first, from the whole cosine matrix."""
+    W = F.normalize(W_dec_FD.detach(), dim=1)
+    return (W @ W.T).fill_diagonal_(-float("inf")).topk(m, dim=1).indices

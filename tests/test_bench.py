@@ -20,7 +20,7 @@ def test_bench_runs_tiny(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--threads", "1", "--d-model", "16",
                         "--n-latents", "64", "--batch", "32", "--k", "4", "--steps", "2", "--warmup", "1",
-                        "--nbr-every", "2", "--c2r-latents", "64", "--out", str(out),
+                        "--nbr-every", "2", "--err-steps", "3", "--c2r-latents", "64", "--out", str(out),
                         "--rows", "ours + C²R", "dense + chunked C²R"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -29,6 +29,10 @@ def test_bench_runs_tiny(tmp_path):
     for r in res:
         assert "error" not in r, r
         assert r["ms"] > 0 and r.get("steps", 2) == 2
+    pair = res[0]     # timed against its twin without C²R, then its penalty error over --err-steps steps
+    assert pair["ratio"] > 0 and pair["R"] == 2 and pair["err_steps"] == [3, 5]
+    assert 0 <= pair["err_mean"] <= pair["err_max"] < 0.5
+    assert "interleaved" in p.stdout and "from the exact one" in p.stdout
 
 
 def test_chunked_c2r_with_one_chunk_is_c2r():
@@ -38,7 +42,8 @@ def test_chunked_c2r_with_one_chunk_is_c2r():
     torch.testing.assert_close(bench.chunked_c2r(acts, W, alpha=1.0), c2r_reference(acts, W))
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch", "0"], ["--k", "0"], ["--nbr-every", "0"],
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch", "0"], ["--k", "0"], ["--nbr-every", "-1"],
+                                  ["--nbr-cands", "0"], ["--block", "0"], ["--err-steps", "-1"],
                                   ["--d-model", "0"], ["--c2r-reps", "0"], ["--warmup", "-1"],
                                   ["--n-latents", "1"], ["--c2r-latents", "64", "0"]])
 def test_bad_flags_stop_at_once(argv, capsys):

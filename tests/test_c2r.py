@@ -279,9 +279,18 @@ def test_bad_config():
     for bad, what in [(dict(warmup=-0.1), "warmup"), (dict(decay=1.5), "decay"), (dict(c2r_warmup=2.0), "c2r_warmup"),
                       (dict(warmup=0.6, decay=0.5), "warmup \\+ decay"), (dict(log_every=0), "log_every"),
                       (dict(thr_momentum=1.5), "thr_momentum"), (dict(aux_k=-1), "aux_k"),
-                      (dict(clip_grad=-1.0), "clip_grad"), (dict(n_latents=1, k=1, c2r_lambda=0.1), "n_latents")]:
+                      (dict(clip_grad=-1.0), "clip_grad"), (dict(n_latents=1, k=1, c2r_lambda=0.1), "n_latents"),
+                      (dict(nbr_every=-1), "nbr_every"), (dict(nbr_cands=0), "nbr_cands")]:
         with pytest.raises(ValueError, match=what):
             c2r.Config(**bad)
+
+
+def test_default_search_period_grows_with_the_width():
+    """nbr_every = 0 searches 512 rows a step (R = 1, the exact search, up to 512 latents); it is
+    resolved from the width each time, so a copy of the Config at another width gets its own."""
+    assert [c2r.Config(n_latents=n, k=1).nbr_period() for n in (80, 512, 513, 4096, 2 ** 20)] == [1, 1, 2, 8, 2048]
+    assert dataclasses.replace(c2r.Config(n_latents=80, k=1), n_latents=4096).nbr_period() == 8
+    assert c2r.Config(n_latents=4096, nbr_every=1).nbr_period() == 1
 
 
 @pytest.mark.parametrize("name", ["c2r_lambda", "c2r_alpha", "l1_coeff", "aux_coeff", "lr", "clip_grad", "warmup"])
@@ -328,7 +337,8 @@ def test_lambda_zero_never_searches(monkeypatch):
     """A baseline (lambda = 0) used to run the exact neighbour search at every log step, only to
     log a C²R value; with one latent it then died with a C²R error. It logs None now."""
     calls = []
-    monkeypatch.setattr(c2r, "nearest_neighbours", lambda *a, **k: calls.append(1))
+    for name in ("nearest_neighbours", "search_rows_", "rerank"):
+        monkeypatch.setattr(c2r, name, lambda *a, **k: calls.append(1))
     _, log = c2r.train(make("batchtopk", log_every=1, steps=4), batches(), progress=False)
     assert calls == [] and [row["c2r"] for row in log] == [None] * 4
     _, log = c2r.train(make("topk", n_latents=1, k=1, steps=3), batches(), progress=False)    # one latent
@@ -466,10 +476,10 @@ def test_metrics_by_hand():
     assert c2r.dead_fraction(acts).item() == pytest.approx(1 / 3)
 
 
-def test_resume_between_neighbour_refreshes_is_exact(tmp_path):
-    """A run stopped mid-way (between two neighbour refreshes, R = 3) and resumed from its
-    checkpoint ends with exactly the weights of the uninterrupted run."""
-    cfg = dict(kind="batchtopk", c2r_lambda=1.0, nbr_every=3, steps=8)
+def test_resume_mid_period_is_exact(tmp_path):
+    """A run stopped mid-way through a period of the rolling search (R = 3, stopped after step 3 of
+    0..7) and resumed from its checkpoint ends with exactly the weights of the uninterrupted run."""
+    cfg = dict(kind="batchtopk", c2r_lambda=1.0, nbr_every=3, nbr_cands=2, steps=8, lr=3e-2)
     data = [next(batches(seed=s)) for s in range(8)]
     full, _ = c2r.train(make(**cfg), iter(data), progress=False)
 
@@ -481,10 +491,23 @@ def test_resume_between_neighbour_refreshes_is_exact(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         c2r.train(sae, iter(data), progress=False, on_step=stop_at_4)
     sae, extra = c2r.load(tmp_path / "ck.pt")
-    assert (sae.nbr_F >= 0).all()
+    assert (sae.nbr_F >= 0).all() and (sae.nbr_cand_FM >= 0).all()    # the candidate lists come back too
     sae, _ = c2r.train(sae, iter(data[4:]), progress=False, start=4, opt_state=extra["opt"])
     for (name, a), b in zip(full.state_dict().items(), sae.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_checkpoint_without_candidates_loads(tmp_path):
+    """A checkpoint written before the rolling search (no nbr_cand_FM) loads, and resumes: with
+    R > 1 its first step searches every row."""
+    c2r.save(make("topk", c2r_lambda=1.0, nbr_every=4), tmp_path / "old.pt")
+    obj = torch.load(tmp_path / "old.pt", weights_only=True)
+    del obj["state"]["nbr_cand_FM"], obj["sha256"]
+    torch.save(dict(obj, sha256=c2r.digest(obj)), tmp_path / "old.pt")
+    sae, _ = c2r.load(tmp_path / "old.pt")
+    assert (sae.nbr_cand_FM == -1).all()
+    c2r.train(sae, batches(), progress=False, start=5)
+    assert (sae.nbr_cand_FM >= 0).all()
 
 
 @pytest.mark.parametrize("steps", [10, 30, 37, 1000])

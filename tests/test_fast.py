@@ -2,7 +2,7 @@
 
 The TopK kinds train on sparse codes: sparse_codes + decode_sparse (embedding_bag) instead of
 decode(activate(pre)), code_norms instead of vector_norm of the dense codes, AuxK decoded with
-embedding_bag, and a neighbour table refreshed every cfg.nbr_every steps. (relu trains on the
+embedding_bag, and the rolling neighbour search with re-ranked candidates. (relu trains on the
 dense path, which is its own reference.) Speed is measured in bench.py, never asserted here."""
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import c2r
-from conftest import c2r_reference, neighbours_reference
+from conftest import c2r_reference, candidates_reference, neighbours_reference
 
 FAST_KINDS = ("topk", "batchtopk")
 
@@ -112,95 +112,96 @@ def test_blocked_search_equals_brute_force(block):
     assert torch.equal(c2r.nearest_neighbours(W, block=block), neighbours_reference(W))
 
 
-@pytest.mark.parametrize("R", [1, 3])
-def test_refreshed_table_is_a_fresh_search(R):
-    """Inside train(), step t uses the table searched at the last multiple of R, on the decoder
-    of that step: so R=1 is the definition, and a refreshed table equals a fresh search."""
-    cfg = c2r.Config(d_model=8, n_latents=24, kind="topk", k=2, c2r_lambda=1.0, nbr_every=R, steps=9,
-                     lr=3e-2, log_every=1, warmup=0.0, decay=0.0)
-    sae, states, xs = c2r.SAE(cfg), [], []
+@pytest.mark.parametrize("unit_rows", [False, True])
+def test_search_rows_is_the_exact_top_m(unit_rows):
+    """A slice of rows gets its m most similar other latents, best first; the other rows are untouched."""
+    W = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W = F.normalize(W, dim=1) if unit_rows else W
+    C = torch.full((40, 5), -1)
+    c2r.search_rows_(W, C, 7, 29, block=4, unit_rows=unit_rows)
+    assert torch.equal(C[7:29], candidates_reference(W, 5)[7:29])
+    assert torch.equal(C[7:29, 0], neighbours_reference(W)[7:29])
+    assert (C[:7] == -1).all() and (C[29:] == -1).all()
+
+
+def test_rerank_is_the_argmax_over_the_candidates():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    C = torch.randint(50, (50, 4), generator=g)
+    cos = F.normalize(W, dim=1) @ F.normalize(W, dim=1).T
+    want = torch.stack([c[cos[i, c].argmax()] for i, c in enumerate(C)])
+    assert torch.equal(c2r.rerank(W, C, block=7), want)
+    assert torch.equal(c2r.rerank(W, C[:, :1]), C[:, 0])
+    # every other latent a candidate (m = F - 1): the exact search, however old the lists
+    assert torch.equal(c2r.rerank(W, candidates_reference(torch.randn(50, 6, generator=g), 49)), neighbours_reference(W))
+
+
+@pytest.mark.parametrize("F_,R", [(24, 1), (24, 5), (24, 24), (10, 16)])
+def test_rolling_slices_cover_every_row_once_per_period(F_, R, monkeypatch):
+    """In train(), the rows searched at steps p*R .. p*R + R-1 are every row exactly once (R > 1:
+    a fresh SAE's first step also searches them all, to fill its lists)."""
+    calls, orig = [], c2r.search_rows_
+    monkeypatch.setattr(c2r, "search_rows_", lambda W, C, lo, hi, **kw: calls.append((lo, hi)) or orig(W, C, lo, hi, **kw))
+    cfg = c2r.Config(d_model=4, n_latents=F_, kind="topk", k=2, c2r_lambda=1.0, nbr_every=R, steps=2 * R + 1)
+    c2r.train(c2r.SAE(cfg), iter(torch.randn(2 * R + 1, 8, 4).unbind()), progress=False)
+    if R > 1:
+        assert calls.pop(0) == (0, F_)
+    assert len(calls) == 2 * R + 1
+    for p in range(2):
+        rows = torch.cat([torch.arange(lo, hi) for lo, hi in calls[p * R: (p + 1) * R]])
+        assert torch.equal(rows.sort().values, torch.arange(F_))
+
+
+@pytest.mark.parametrize("R,m", [(1, 4), (3, 23), (3, 2)])
+def test_table_in_train(R, m):
+    """Inside train(), step t uses each latent's m best candidates from the last search of its row
+    (its slice, on the decoder of that step), re-ranked on the decoder of step t. So R = 1 (every
+    row every step) is the exact argmax at every step, and so is m = F - 1, whatever R."""
+    cfg = c2r.Config(d_model=8, n_latents=24, kind="topk", k=2, c2r_lambda=1.0, nbr_every=R, nbr_cands=m,
+                     steps=9, lr=3e-2, log_every=1, warmup=0.0, decay=0.0)
+    sae, states, xs, used = c2r.SAE(cfg), [], [], []
     g = torch.Generator().manual_seed(0)
 
-    def batches():
+    def batches():    # sees the SAE just before each step
         while True:
             states.append({k: v.clone() for k, v in sae.state_dict().items()})
             xs.append(torch.randn(16, 8, generator=g))
             yield xs[-1]
 
-    _, log = c2r.train(sae, batches(), progress=False)
-    ref, stale = c2r.SAE(cfg).train(), 0
+    _, log = c2r.train(sae, batches(), progress=False, on_step=lambda t, opt, log: used.append(sae.nbr_F.clone()))
+    ref, stale, C = c2r.SAE(cfg).train(), 0, None
     for row in log:
         t = row["step"]
         ref.load_state_dict(states[t])
         if t == 0:   # train() sets b_dec from the first batch
             ref.b_dec_D.data.copy_(c2r.geometric_median(xs[0]))
+        W = ref.W_dec_FD.detach()
+        fresh, top = neighbours_reference(W), candidates_reference(W, m)
+        rows = torch.arange(24) if t == 0 else torch.arange(t % R * 24 // R, (t % R + 1) * 24 // R)
+        C = top if C is None else C.index_copy(0, rows, top[rows])       # slice t % R renewed, the rest kept
+        table = C.gather(1, (W @ W.T).gather(1, C).argmax(1, keepdim=True))[:, 0]
+        assert torch.equal(used[t], table)
+        if m == 23 or R == 1:
+            assert torch.equal(used[t], fresh)
+        stale += not torch.equal(used[t], fresh)
         acts = ref.activate(ref.pre_acts(xs[t]))
-        fresh = neighbours_reference(ref.W_dec_FD)
-        table = neighbours_reference(states[t - t % R]["W_dec_FD"])
-        if t % R == 0:
-            assert torch.equal(table, fresh)
-        stale += not torch.equal(table, fresh)
-        expect = c2r.c2r_penalty(torch.linalg.vector_norm(acts, dim=0), ref.W_dec_FD, table, alpha=cfg.c2r_alpha)
+        expect = c2r.c2r_penalty(torch.linalg.vector_norm(acts, dim=0), W, table, alpha=cfg.c2r_alpha)
         assert row["c2r"] == pytest.approx(expect.item(), rel=1e-5)
-        if t % R == 0:     # a fresh table: the penalty is C²R itself
-            assert row["c2r"] == pytest.approx(c2r_reference(acts, ref.W_dec_FD, cfg.c2r_alpha).item(), rel=1e-5)
-    if R > 1:
-        assert stale > 0   # at this lr the table does go stale between refreshes: the check bites
+    if m == 2:
+        assert stale > 0   # at this lr a neighbour does leave the 2 kept candidates: the check bites
 
 
-@pytest.mark.parametrize("kind", FAST_KINDS)
-def test_toy_fvu_fast_equals_plain(kind, monkeypatch):
-    """Train on a small toy with the fast path, then with the plain dense path (the same loop,
-    with decode_sparse and code_norms swapped for dense decode and vector_norm): same FVU."""
-    import train_toy
-    toy = train_toy.Toy()
-    data = train_toy.ToyData(toy)
-    x_eval, _ = data.sample(4096, torch.Generator().manual_seed(1))
-
-    def fit():
-        cfg = c2r.Config(d_model=toy.d_model, n_latents=64, kind=kind, k=4, c2r_lambda=0.1, steps=150,
-                         lr=3e-3, dead_tokens=256 * 20, seed=0)
-        sae, log = c2r.train(c2r.SAE(cfg), data.batches(256, 0), progress=False)
-        with torch.no_grad():
-            return c2r.fvu(x_eval, sae(x_eval)[0]).item(), log
-
-    fast, log_fast = fit()
-
-    def dense_decode(self, vals, rows, cols, B):
-        acts = torch.zeros(B, self.cfg.n_latents, dtype=vals.dtype).index_put((rows, cols), vals)
-        return self.decode(acts)
-
-    def dense_norms(vals, cols, n):
-        one_per_row = torch.zeros(len(vals), n, dtype=vals.dtype).index_put((torch.arange(len(vals)), cols), vals)
-        return torch.linalg.vector_norm(one_per_row, dim=0)
-
-    monkeypatch.setattr(c2r.SAE, "decode_sparse", dense_decode)
-    monkeypatch.setattr(c2r, "code_norms", dense_norms)
-    plain, log_plain = fit()
-    assert 0 < fast < 0.5                       # it learned something
-    assert fast == pytest.approx(plain, rel=0.02, abs=1e-3)
-    assert log_fast[-1]["c2r"] == pytest.approx(log_plain[-1]["c2r"], rel=0.02, abs=1e-5)
-
-
-@pytest.mark.parametrize("kind", FAST_KINDS + ("relu",))
-def test_bf16_training_matches_fp32(kind):
-    """Config.bf16 runs the forward and loss under bf16 autocast, a fresh autocast each step (fp32
-    weights, gradients, Adam). On a small toy it must land where fp32 lands. (Wrapping the whole
-    of train() in one autocast instead keeps the bf16 weights of step 0: far off, so refused.)"""
-    import train_toy
-    toy = train_toy.Toy()
-    data = train_toy.ToyData(toy)
-    x_eval, _ = data.sample(4096, torch.Generator().manual_seed(1))
-
-    def fit(bf16):
-        cfg = c2r.Config(d_model=toy.d_model, n_latents=64, kind=kind, k=4, l1_coeff=0.3, c2r_lambda=0.1,
-                         steps=200, lr=3e-3, dead_tokens=256 * 20, seed=0, bf16=bf16)
-        sae, _ = c2r.train(c2r.SAE(cfg), data.batches(256, 0), progress=False)
-        with torch.no_grad():
-            return c2r.fvu(x_eval, sae(x_eval)[0]).item()
-
-    fp32, bf16 = fit(False), fit(True)
-    assert 0 < fp32 < 0.5
-    assert bf16 == pytest.approx(fp32, rel=0.1, abs=2e-3)
-    with pytest.raises(ValueError, match="Config.bf16"), torch.autocast("cpu", dtype=torch.bfloat16):
-        fit(False)
+def test_bf16_search_then_fp32_rerank_is_exact():
+    """Under bf16 autocast the search's cosines round a near-tie together (0.9995 and 0.9998 are
+    both 1.0 in bf16); re-ranking the top m in fp32 still finds the exact neighbour."""
+    W = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    for j, c in ((1, 0.9998), (2, 0.9995)):      # latent 0's neighbours: 1, then 2, nearly tied
+        u = F.normalize(W[j] - (W[j] @ W[0]) * W[0], dim=0)
+        W[j] = c * W[0] + (1 - c * c) ** 0.5 * u
+    want = neighbours_reference(W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos = W @ W.T
+        C = c2r.search_rows_(W, torch.full((12, 4), -1), 0, 12)
+        got, got_flipped = c2r.rerank(W, C), c2r.rerank(W, C.flip(1))    # whatever order the tie left
+    assert cos.dtype == torch.bfloat16 and cos[0, 1] == cos[0, 2]   # bf16 cannot tell them apart
+    assert want[0] == 1 and torch.equal(got, want) and torch.equal(got_flipped, want)

@@ -176,7 +176,7 @@ def test_fvu_above_1_warns(capsys):
     (["--l1-coeff", "-1"], "--l1-coeff"),
     (["--l1-coeff", "nan"], "--l1-coeff"),
     (["--c2r-alpha", "0"], "--c2r-alpha"),
-    (["--nbr-every", "0"], "--nbr-every"),
+    (["--nbr-every", "-1"], "--nbr-every"),
     (["--jobs", "0"], "--jobs"),
     (["--seeds"], "--seeds"),
     (["--seeds", "0", "1", "0"], "--seeds"),
