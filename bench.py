@@ -105,27 +105,30 @@ def dense_train(sae, batches, cfg, chunked):
         sae.renorm_()
 
 
-def penalty_error(sae, batches, errs, steps, start=0):
-    """Wraps `batches` for c2r.train(sae, batches, on_step=...): at each step in `steps` the relative
-    error |C²R(train()'s table) / C²R(exact table) - 1|, both on the decoder and codes of that step
-    (the codes recomputed here, in fp32), is appended to errs; `batches` start at step `start`.
-    Returns (batches, on_step)."""
+def penalty_error(sae, batches, errs, steps, start=0, also=None):
+    """Wraps `batches` for c2r.train(sae, batches, on_step=...): at each step in `steps` appends to
+    errs["train()"] the relative error |C²R(train()'s table) / C²R(exact table) - 1|, both on the
+    decoder and codes of that step (the codes recomputed here, in fp32), and to errs[name] that of
+    each also[name](W, step), a search run alongside (W: that step's unit rows). `batches` start at
+    step `start`. Returns (batches, on_step)."""
     now = {}
 
     def wrapped():     # runs just before each step, on the SAE that step starts from
         for t, x in enumerate(batches, start):
             if t in steps:
                 with torch.no_grad():
-                    x_ = x.to(sae.W_dec_FD.device, sae.W_dec_FD.dtype)
-                    now[t] = sae.W_dec_FD.detach().clone(), torch.linalg.vector_norm(sae.encode(x_), dim=0)
+                    W = sae.W_dec_FD.detach().clone()
+                    a_F = torch.linalg.vector_norm(sae.encode(x.to(W.device, W.dtype)), dim=0)
+                    now[t] = W, a_F, {name: table(W, t) for name, table in (also or {}).items()}
             yield x
 
     def on_step(step, opt, log):     # sae.nbr_F: the table step `step` used (the update does not touch it)
         if step in now:
-            W, a_F = now.pop(step)
+            W, a_F, tables = now.pop(step)
             exact = c2r.c2r_penalty(a_F, W, c2r.nearest_neighbours(W)).item()
-            got = c2r.c2r_penalty(a_F, W, sae.nbr_F).item()
-            errs.append(abs(got / exact - 1) if exact > 0 else 0.0)
+            for name, table in {"train()": sae.nbr_F, **tables}.items():
+                got = c2r.c2r_penalty(a_F, W, table).item()
+                errs[name].append(abs(got / exact - 1) if exact > 0 else 0.0)
     return wrapped(), on_step
 
 
@@ -196,7 +199,7 @@ def pair_row(a, n_latents):
     W, N, E = a.warmup, a.steps, a.err_steps
     cfgs = {"C²R": step_config(a, n_latents, True, W + N + E), "off": step_config(a, n_latents, False, W + N)}
     saes = {r: c2r.SAE(c).to(dev) for r, c in cfgs.items()}
-    xs, opt_state, ms, errs = batches_of(a, dev), {}, {r: [] for r in cfgs}, []
+    xs, opt_state, ms, errs = batches_of(a, dev), {}, {r: [] for r in cfgs}, {"train()": []}
 
     def block(r, lo, hi, measure=False):     # steps lo..hi-1 of SAE r, each timed from its batch to its end
         t0 = {}
@@ -225,13 +228,12 @@ def pair_row(a, n_latents):
     mem = peak_memory(dev, rss0)
     if E:
         block("C²R", W + N, W + N + E, measure=True)
-    pairs = [(c, o) for c, o in zip(ms["C²R"], ms["off"])]
-    return dict(row="ours + C²R", n_latents=n_latents, ms=statistics.fmean(ms["C²R"]),
-                ms_median=statistics.median(ms["C²R"]), tok_s=a.batch / statistics.fmean(ms["C²R"]) * 1e3,
-                mem_mib=mem, steps=N, R=cfgs["C²R"].nbr_period(), m=a.nbr_cands,
-                ms_twin=statistics.fmean(ms["off"]), ratio=sum(ms["C²R"]) / sum(ms["off"]),
-                ratio_median=statistics.median(c / o for c, o in pairs), err_steps=[W + N, W + N + E - 1],
-                err_mean=statistics.fmean(errs) if errs else None, err_max=max(errs) if errs else None)
+    on, off, e = ms["C²R"], ms["off"], errs["train()"]
+    return dict(row="ours + C²R", n_latents=n_latents, ms=statistics.fmean(on), ms_median=statistics.median(on),
+                tok_s=a.batch / statistics.fmean(on) * 1e3, mem_mib=mem, steps=N, R=cfgs["C²R"].nbr_period(),
+                m=a.nbr_cands, ms_twin=statistics.fmean(off), ratio=sum(on) / sum(off),
+                ratio_median=statistics.median(c / o for c, o in zip(on, off)), err_steps=[W + N, W + N + E - 1],
+                err_mean=statistics.fmean(e) if e else None, err_max=max(e, default=None))
 
 
 def c2r_row(a, n_latents):

@@ -120,29 +120,30 @@ def nearest_neighbours(W_dec_FD, *, block=2048):
 
 @torch.no_grad()
 def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False):
-    """cand_FM[lo:hi] <- the m = cand_FM.shape[1] most similar other latents of rows lo..hi-1, best first:
-    exact, over the whole dictionary, memory O(block * F). train() searches a slice of F/R rows a step,
-    so every row is renewed once per R steps at an even cost. unit_rows=True: rows kept at unit norm."""
+    """cand_FM[lo:hi] <- the m = cand_FM.shape[1] most similar other latents of rows lo..hi-1, in index
+    order: exact, over the whole dictionary, memory O(block * F). train() searches a slice of F/R rows
+    a step, so every row is renewed once per R steps at an even cost. unit_rows: rows kept unit norm."""
     W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
     for s in range(lo, hi, block):
         cos = W[s:min(s + block, hi)] @ W.T                  # [block, F]
         cos.diagonal(s).fill_(-float("inf"))                 # not your own neighbour
-        cand_FM[s:s + len(cos)] = cos.topk(cand_FM.shape[1], dim=1).indices
+        cand_FM[s:s + len(cos)] = cos.topk(cand_FM.shape[1], dim=1).indices.sort(dim=1).values
     return cand_FM
 
 
 @torch.no_grad()
-def rerank(W_dec_FD, cand_FM, *, block=16384, unit_rows=False):
-    """j(i) = the most similar of latent i's m candidates cand_FM [F, m] on this decoder -> nbr_F [F]: F*m
-    cosines, not F^2. Between two searches of its row a neighbour mostly swaps among near-ties, which
-    this follows exactly. In W's dtype even under autocast: a bf16 search need only get it into the m."""
-    W, nbr = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1), []
-    with torch.autocast(W.device.type, enabled=False):
-        for s in range(0, len(W), block):
-            c_BM = cand_FM[s:s + block]
-            cos_BM = torch.bmm(W[c_BM], W[s:s + block, :, None])[..., 0]
-            nbr.append(c_BM.gather(1, cos_BM.argmax(1, keepdim=True))[:, 0])
-    return torch.cat(nbr)
+def rerank(W_dec_FD, cand_FM, *, unit_rows=False):
+    """j(i) = the most similar of latent i's m candidates cand_FM [F, m] (search_rows_) on this decoder ->
+    nbr_F [F]: F*m cosines by a sampled matmul (no [F, m, D] gather), in fp32 even under autocast (so a bf16
+    search need only get the neighbour into the m); ties: the lowest index. It follows near-tie swaps exactly."""
+    W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
+    W, (n, m) = W.to(torch.promote_types(W.dtype, torch.float32)), cand_FM.shape
+    if W.device.type in ("cpu", "cuda"):     # -1 (never searched) would read outside W; no host read
+        torch._assert_async((cand_FM >= 0).all(), "rerank: cand_FM holds -1: fill it with search_rows_ first")
+    csr = torch.sparse_csr_tensor(torch.arange(0, n * m + 1, m, device=W.device), cand_FM.flatten(),
+                                  W.new_zeros(n * m), (n, n), check_invariants=False)
+    cos_FM = torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, m)     # autocast leaves it fp32
+    return cand_FM.gather(1, cos_FM.argmax(1, keepdim=True))[:, 0]
 
 
 def code_norms(vals_N, cols_N, n_latents):
@@ -154,6 +155,7 @@ def code_norms(vals_N, cols_N, n_latents):
     on = sq_F > 0
     return torch.where(on, torch.where(on, sq_F, 1.0).sqrt(), 0.0)
 # --- end C²R ---
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")    # rerank's sampled matmul works
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +181,7 @@ class Config:
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
                                  # every step, the exact definition; 0 = ceil(F / 512): ~(512 + m) / (3 batch) of a step
-    nbr_cands: int = 4           # m: each latent's candidates from its last search, re-ranked every step [latents]
+    nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step [latents]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
     aux_coeff: float = 1 / 32    # weight of the AuxK loss
@@ -446,9 +448,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             if cfg.c2r_lambda > 0:
                 # the rolling search: slice t of R searched afresh, then every latent's m candidates re-ranked
                 R, n, W, C = cfg.nbr_period(), cfg.n_latents, sae.W_dec_FD, sae.nbr_cand_FM
-                if step == start and R > 1 and C[0, 0] < 0:     # a fresh SAE: every row once, to start
-                    search_rows_(W, C, 0, n, unit_rows=True)
-                search_rows_(W, C, step % R * n // R, (step % R + 1) * n // R, unit_rows=True)
+                fresh = step == start and C[0, 0] < 0         # a fresh SAE: every row, to start
+                search_rows_(W, C, *((0, n) if fresh else (step % R * n // R, (step % R + 1) * n // R)), unit_rows=True)
                 sae.nbr_F.copy_(rerank(W, C, unit_rows=True))
                 c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, alpha=cfg.c2r_alpha, unit_rows=True)
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
@@ -562,8 +563,7 @@ def digest(obj):
 
 
 def save(sae, path, **extra):
-    """Write atomically, with a checksum of the contents. Only tensors and plain Python values, so
-    the checkpoint loads with torch.load(weights_only=True): no pickled code runs when opened."""
+    """Write atomically, with a checksum; tensors and plain values only: torch.load(weights_only=True) reads it."""
     state = sae.state_dict()
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:     # train() checks the loss only at log steps: never let a NaN SAE overwrite a good file

