@@ -5,8 +5,9 @@
 #     SMALL=1 OUT=/tmp/g bash results/gpu.sh  # the same, tiny, on a CPU: to try this script itself
 #
 # 1. bench.py at its GPU sizes (README, Speed): the step table at 24,576 and 65,536 latents and
-#    c2r_loss alone up to 131,072; then `ours + C²R` with the table refreshed every 50 steps
-#    instead of 10; then a torch.profiler table of each row (packed into profile.tgz).
+#    c2r_loss alone up to 131,072 (`ours + C²R`: the default rolling search, timed against its twin
+#    without C²R, and its penalty error); then `ours + C²R` with R = 1, the exact search every step;
+#    then a torch.profiler table of each row (packed into profile.tgz).
 # 2. train_gpt2.py's defaults (BatchTopK, 24,576 latents, k=32, 10M tokens per SAE, layer 8) on
 #    GPT-2 small's architecture with random weights and random tokens (no weights or text can be
 #    reached there), for its throughput, peak memory and wall time (README, GPT-2 small). With
@@ -14,7 +15,7 @@
 #    evaluation runs and is timed too (its numbers mean nothing on a random model).
 #
 # $OUT gets 7 files at most (the device tool brings back 8): env.txt, bench.txt, bench.json,
-# bench_R50.txt, profile.tgz, gpt2_log.txt, gpt2_results.json. Checkpoints stay on the machine.
+# bench_R1.txt, profile.tgz, gpt2_log.txt, gpt2_results.json. Checkpoints stay on the machine.
 # A part that fails or runs out of time says so in its file, and the next part still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,7 @@ part() {     # part SECONDS FILE COMMAND...: run with a time limit, keep the out
 cat "$OUT/env.txt"
 
 part 150 "$OUT/bench.txt" python3 bench.py --out "$OUT/bench.json" "${BENCH[@]}"
-part 30 "$OUT/bench_R50.txt" python3 bench.py --c2r-latents --rows "ours + C²R" --nbr-every 50 "${BENCH[@]}"
+part 30 "$OUT/bench_R1.txt" python3 bench.py --c2r-latents --rows "ours + C²R" --nbr-every 1 "${BENCH[@]}"
 part 30 "$RUN/profile.txt" python3 bench.py --c2r-latents --steps 10 --warmup 5 --profile "$RUN/profile" "${BENCH[@]}"
 mkdir -p "$RUN/profile" && mv "$RUN/profile.txt" "$RUN/profile/" && tar czf "$OUT/profile.tgz" -C "$RUN" profile
 

@@ -113,27 +113,28 @@ def cost():
                written, read by two matmuls)
       search   c = F/R rows a step: 2 c D flops; the bf16 copy of W_dec for it (6 D) and its [c, F]
                bf16 cosines, written and read by topk (4 c)
-      re-rank  m > 1: 2 m D flops; W[cand] gathered in fp32, written, read by bmm, and W (12 m + 4) D
+      re-rank  m > 1: 2 m D flops; the sampled matmul reads each latent's m candidate rows and its own
+               in fp32, (4 m + 4) D bytes (a gather of W[cand] into [F, m, D] and a bmm: (12 m + 4) D)
       penalty  c2r_penalty and its backward on [F, D] fp32 rows (gather, product, sum, scatter-add):
                ~6 D flops, ~72 D bytes. C²R itself, the same at any R (and in the old default)"""
     P, BW, D, B = 790e12, 4.8e12, 768, 4096
     ns = lambda flops, byts: 1e9 * (flops / P + byts / BW)      # noqa: E731
     step = ns(6 * B * D, 110 * D + 10 * B)
     terms = {"our step": (6 * B * D, 110 * D + 10 * B), "search, 512 rows a step": (2 * 512 * D, 6 * D + 4 * 512),
-             **{f"re-rank, m = {m}": (2 * m * D, (12 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D)}
+             **{f"re-rank, m = {m}": (2 * m * D, (4 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D)}
     print("| per latent and step | flops | bytes | ns at peak | % of our step |\n|---|---|---|---|---|")
     for name, (f, b) in terms.items():
         print(f"| {name} | {f:,} | {b:,} | {ns(f, b):.2f} | {100 * ns(f, b) / step:.1f} % |")
     print("\n| C²R's share of our step: flops only / flops and bytes | " + " | ".join(f"{F:,}" for F in WIDTHS) + " |")
     print("|---" * (len(WIDTHS) + 1) + "|")
     default = lambda F: F / -(-F // 512)      # noqa: E731   (rows searched a step)
-    for name, c_of, m in (("exact every step (R = 1), m = 4", lambda F: F, 4),
+    for name, c_of, m in (("exact every step (R = 1), m = 16", lambda F: F, 16),
                           ("old default: full search every 10 steps", lambda F: F / 20, 1),     # symmetric: F/2
                           *((f"new default: R = ceil(F / 512), m = {m}", default, m) for m in (1, 4, 16))):
         cells = []
         for F in WIDTHS:     # search + re-rank + penalty
             f = 2 * c_of(F) * D + 2 * m * D * (m > 1) + 6 * D
-            b = 6 * D + 4 * c_of(F) + (12 * m + 4) * D * (m > 1) + 72 * D
+            b = 6 * D + 4 * c_of(F) + (4 * m + 4) * D * (m > 1) + 72 * D
             cells.append(f"{100 * f / (6 * B * D):.1f} / {100 * ns(f, b) / step:.0f} %")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
