@@ -96,8 +96,7 @@ def nearest_neighbours(W_dec_FD, *, block=2048, rows=None):
     exists (65,536 latents in fp32 would need 16 GiB for it). The matrix is symmetric, so a block
     of rows meets only itself and the rows after it: its row maxima are its own candidates, its
     column maxima the later rows' candidates from this block. Half the flops of a full pass.
-    rows=(lo, hi): the neighbours of rows lo..hi-1 alone -> [hi - lo], each row against the whole
-    dictionary (a rank's share: see sharded), so without the symmetry's saving."""
+    rows=(lo, hi): rows lo..hi-1 alone -> [hi - lo], each against the whole dictionary (see sharded)."""
     n = W_dec_FD.shape[0]
     if n < 2:
         raise ValueError(f"C²R needs at least 2 latents to find neighbours, got n_latents={n}")
@@ -272,13 +271,11 @@ class SAE(nn.Module):
             rows = torch.arange(B, device=pre_BF.device).repeat_interleave(self.cfg.k)
             return F.relu(vals).flatten(), rows, idx.flatten()
         flat, (rank, n) = pre_BF.flatten(), world() if all_ranks else (0, 1)
-        K = min(self.cfg.k * B * n, flat.numel() * n)
         if n == 1:
-            idx = flat.topk(K, sorted=False).indices
-        else:                           # every rank picks the global top K from all ranks' own top K
-            v, i = flat.topk(min(K, flat.numel()))                           # best first
-            mine = gather(v).topk(K).indices // len(v) == rank
-            idx = i[:int(mine.sum())]                   # a host read: how many are mine is data
+            idx = flat.topk(min(self.cfg.k * B, flat.numel()), sorted=False).indices
+        else:           # each rank's own k*B*N best, best first; of all ranks', the k*B*N best are kept
+            v, i = flat.topk(min(self.cfg.k * B * n, flat.numel()))
+            idx = i[:int((gather(v).topk(self.cfg.k * B * n).indices // len(v) == rank).sum())]   # a host read
         idx = idx.sort().values
         return F.relu(flat.gather(0, idx)), idx // Fn, idx % Fn
 
@@ -320,7 +317,7 @@ def geometric_median(x_BD, iters=50, eps=1e-8):
 
 # -----------------------------------------------------------------------------
 # More than one GPU (torchrun): the ranks split every batch and train one SAE, the same on each.
-# Without a process group (or with one rank) nothing here talks to anyone, and train() runs as ever.
+# Without a process group (or with one rank) nothing talks to anyone: train() is the one-process loop.
 
 def world():
     """(this rank, number of ranks) of torch.distributed's process group; (0, 1) without one."""
@@ -330,22 +327,21 @@ def world():
 
 def gather(t):
     """Every rank's t (the same shape on each), concatenated in rank order; t itself without a group."""
+    if world()[1] == 1:
+        return t
     out = [torch.empty_like(t) for _ in range(world()[1])]
-    if len(out) > 1:
-        torch.distributed.all_gather(out, t.contiguous())
-    return torch.cat(out) if len(out) > 1 else t
+    torch.distributed.all_gather(out, t.contiguous())
+    return torch.cat(out)
 
 
 def sharded(search, lo, hi):
     """search(a, b) -> a table of rows a..b-1 (their neighbours, say): each rank runs it on its 1/N
     of rows lo..hi-1 and all_gather gives every rank the whole table; without a group, search(lo, hi)."""
     rank, n = world()
-    if n == 1:
-        return search(lo, hi)
     per = -(-(hi - lo) // n)                    # all_gather wants one size: the last shares are padded
     a, b = min(lo + rank * per, hi), min(lo + (rank + 1) * per, hi)
     mine = search(a, b)
-    return gather(torch.cat([mine, mine.new_zeros((per - (b - a), *mine.shape[1:]))]))[:hi - lo]
+    return mine if n == 1 else gather(torch.cat([mine, mine.new_zeros((per - (b - a), *mine.shape[1:]))]))[:hi - lo]
 
 
 # -----------------------------------------------------------------------------

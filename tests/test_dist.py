@@ -2,10 +2,12 @@
 gloo backend and 2 processes. One spawn runs all of a test's checks in both ranks and writes what
 they found to files; the tests read those files. Tiny sizes: a few seconds per spawn."""
 
+import itertools
 import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -114,3 +116,72 @@ def test_no_process_group_no_collectives(monkeypatch):
     t = torch.arange(3)
     assert c2r.gather(t) is t and torch.equal(c2r.sharded(lambda a, b: torch.arange(a, b), 2, 5), t + 2)
     c2r.train(c2r.SAE(config("batchtopk")).double(), global_batches(), progress=False)
+
+
+# -----------------------------------------------------------------------------
+# train_gpt2.py under 2 ranks: a tiny random model on random tokens
+
+def gpt2_args(model_dir, out, *extra):
+    import train_gpt2
+    return train_gpt2.parse_args(["--model", model_dir, "--random-init", "--data", "random", "--layer", "1",
+                                  "--ctx", "16", "--tokens", "2048", "--batch", "256", "--eval-tokens", "120",
+                                  "--n-latents", "64", "--k", "4", "--buffer", "600", "--model-batch", "4",
+                                  "--probe-words", "0", "--device", "cpu", "--quiet", "--out", str(out),
+                                  "--runs", "c2r: c2r_lambda=5", *extra])
+
+
+def gpt2_ranks(rank, model_dir, root):
+    import lm
+    import train_gpt2
+    lm.SHARD_BYTES = 2 * 32 * 60 * 2            # shards of 2 model batches: both ranks harvest some
+    real_write, real_shuffled = c2r.atomic_write, lm.shuffled
+    if rank == 1:           # rank 1 writes nothing but its cache shards
+        c2r.atomic_write = lambda path, w: real_write(path, w) if "acts_" in str(path) else pytest.fail(
+            f"rank 1 wrote {path}")
+    live, _ = train_gpt2.run(gpt2_args(model_dir, f"{root}/live", "--act-dtype", "float16"))
+    cached, _ = train_gpt2.run(gpt2_args(model_dir, f"{root}/cached", "--cache", f"{root}/cache2"))
+
+    def dying(*a):          # every rank's stream ends at step 5, after the checkpoint of step 4
+        yield from itertools.islice(real_shuffled(*a), 5)
+        raise KeyboardInterrupt
+    lm.shuffled = dying
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt2.run(gpt2_args(model_dir, f"{root}/resumed", "--act-dtype", "float16", "--ckpt-every", "4"))
+    lm.shuffled = real_shuffled
+    resumed, _ = train_gpt2.run(gpt2_args(model_dir, f"{root}/resumed", "--act-dtype", "float16", "--ckpt-every",
+                                          "4", "--resume"))
+    assert (live is None) == (cached is None) == (resumed is None) == (rank == 1)    # rank 0 reports alone
+    if rank == 0:
+        json.dump(dict(steps=resumed["timing"]["c2r"]["steps"], ranks=live["run"]["ranks"]),
+                  open(f"{root}/rank0.json", "w"))
+
+
+def test_train_gpt2_under_two_ranks(tmp_path):
+    """Two ranks, each its share of the tokens: rank 0 alone writes (checkpoints, results, SAEs);
+    the cache filled by both ranks trains the SAE the live float16 run trains, and holds what one
+    process harvests; a run killed after its checkpoint resumes to the SAE of the unbroken run."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    import lm
+    import train_gpt2
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "model")
+    spawn(gpt2_ranks, str(tmp_path / "model"), str(tmp_path))
+    assert json.load(open(tmp_path / "rank0.json")) == dict(steps=4, ranks=2)
+    live, _ = c2r.load(tmp_path / "live" / "c2r.pt")
+    for other in ("cached", "resumed"):
+        sae, _ = c2r.load(tmp_path / other / "c2r.pt")
+        for (k, a), b in zip(live.state_dict().items(), sae.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"{other}: {k}")
+        assert (tmp_path / other / "results.json").exists() and (tmp_path / other / "c2r.ckpt.pt").exists()
+    # the 2-rank cache holds the activations one process harvests (shards 0, 2, .. by rank 0; 1, 3, .. by rank 1)
+    lm.SHARD_BYTES = 2 * 32 * 60 * 2
+    try:
+        train_gpt2.run(gpt2_args(str(tmp_path / "model"), tmp_path / "one", "--cache", str(tmp_path / "cache1")))
+    finally:
+        lm.SHARD_BYTES = 2 ** 28
+    one, two = (json.load(open(tmp_path / c / "manifest.json")) for c in ("cache1", "cache2"))
+    assert len(two["shards"]) >= 2 and one["scale"] == two["scale"]
+    for i in range(min(len(one["shards"]), len(two["shards"]))):
+        a, b = (np.load(lm.shard_path(tmp_path / c, i)) for c in ("cache1", "cache2"))
+        assert np.array_equal(a, b), i
