@@ -7,7 +7,6 @@ import json
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -47,7 +46,10 @@ def worker(rank, env, fn, args):
 
 
 # -----------------------------------------------------------------------------
-# c2r.train: 2 ranks, each with half of every batch, = 1 process on the whole batches
+# c2r.train and the sharded search: one spawn runs both ranks' parts of the tests below
+
+KINDS = ("relu", "topk", "batchtopk", "matryoshka")
+
 
 def config(kind):
     # C²R on, the table refreshed every 2nd step, AuxK on from the 3rd step (dead_tokens = 2 batches)
@@ -61,42 +63,48 @@ def global_batches(steps=8, B=16, d=8):
             for _ in range(steps)]
 
 
-def train_share(rank, kind, out):
-    half = [x.chunk(RANKS)[rank] for x in global_batches()]
-    sae, log = c2r.train(c2r.SAE(config(kind)).double(), half, progress=False)
-    torch.save(dict(sae.state_dict()), os.path.join(out, f"{kind}{rank}.pt"))
-
-
-@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])
-def test_two_ranks_train_the_one_process_sae(kind, tmp_path):
-    """Every step decides the same on both ranks (BatchTopK over the global batch, its threshold,
-    the dead-latent counters, AuxK's normaliser, the C²R norms, the neighbour table, the step): the
-    two ranks end bit-identical, and equal to one process trained on the whole batches up to the
-    rounding of summing in another order (float64: 1e-12)."""
-    spawn(train_share, kind, str(tmp_path))
-    one, _ = c2r.train(c2r.SAE(config(kind)).double(), global_batches(), progress=False)
-    r0, r1 = (torch.load(tmp_path / f"{kind}{r}.pt") for r in range(RANKS))
-    for name, want in one.state_dict().items():
-        assert torch.equal(r0[name], r1[name]), name                 # the ranks agree exactly
-        torch.testing.assert_close(r0[name], want, rtol=1e-12, atol=1e-12, msg=name)
-    assert one.tokens_since_fired.max() >= 32 and one.threshold > 0   # AuxK and the threshold did run
-    assert torch.equal(r0["nbr_F"], one.nbr_F) and torch.equal(r0["tokens_since_fired"], one.tokens_since_fired)
-
-
-# -----------------------------------------------------------------------------
-# the sharded search
-
-def search_shares(rank, out):
+def c2r_ranks(rank, out):
+    found = {}
+    for kind in KINDS:      # each rank trains on its half of every global batch
+        half = [x.chunk(RANKS)[rank] for x in global_batches()]
+        sae, _ = c2r.train(c2r.SAE(config(kind)).double(), half, progress=False)
+        found[kind] = dict(sae.state_dict())
     W = torch.randn(96, 16, generator=torch.Generator().manual_seed(3))
     near = lambda a, b: c2r.nearest_neighbours(W, rows=(a, b), block=20)
     pairs = lambda a, b: torch.stack([torch.arange(a, b), torch.arange(a, b) * 10 + rank], 1)   # who did which
-    found = {f"{lo}:{hi}": c2r.sharded(near, lo, hi) for lo, hi in [(0, 96), (10, 53), (95, 96), (40, 40)]}
-    torch.save(dict(W=W, **found, pairs=c2r.sharded(pairs, 3, 10)), os.path.join(out, f"search{rank}.pt"))
+    for lo, hi in [(0, 96), (10, 53), (95, 96), (40, 40)]:
+        found[f"{lo}:{hi}"] = c2r.sharded(near, lo, hi)
+    torch.save(dict(found, W=W, pairs=c2r.sharded(pairs, 3, 10)), os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_sharded_search_equals_the_one_process_search(tmp_path):
-    spawn(search_shares, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"search{r}.pt") for r in range(RANKS))
+@pytest.fixture(scope="module")
+def ranks_found(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    spawn(c2r_ranks, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(RANKS)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_train_the_one_process_sae(kind, ranks_found, monkeypatch):
+    """Every step decides the same on both ranks (BatchTopK over the global batch, its threshold,
+    the dead-latent counters, AuxK's normaliser, the C²R norms, the neighbour table, b_dec's start,
+    the gradient): the two ranks end bit-identical, and equal to one process trained on the whole
+    batches up to the rounding of summing in another order (float64: 1e-12)."""
+    dead, aux_loss = [], c2r.aux_loss
+    monkeypatch.setattr(c2r, "aux_loss", lambda sae, x, x_hat, pre, dead_F: dead.append(int(dead_F.sum())) or
+                        aux_loss(sae, x, x_hat, pre, dead_F))
+    one, _ = c2r.train(c2r.SAE(config(kind)).double(), global_batches(), progress=False)
+    r0, r1 = (found[kind] for found in ranks_found)
+    for name, want in one.state_dict().items():
+        assert torch.equal(r0[name], r1[name]), name                 # the ranks agree exactly
+        torch.testing.assert_close(r0[name], want, rtol=1e-12, atol=1e-12, msg=name)
+    assert kind == "relu" or max(dead) > 0                            # AuxK did run, on dead latents
+    assert (kind in ("batchtopk", "matryoshka")) == (one.threshold > 0)   # and BatchTopK's threshold
+    assert torch.equal(r0["nbr_F"], one.nbr_F) and torch.equal(r0["tokens_since_fired"], one.tokens_since_fired)
+
+
+def test_sharded_search_equals_the_one_process_search(ranks_found):
+    r0, r1 = ranks_found
     W = r0["W"]
     for key in ("0:96", "10:53", "95:96", "40:40"):
         lo, hi = map(int, key.split(":"))
@@ -138,7 +146,6 @@ def gpt2_ranks(rank, model_dir, root):
     if rank == 1:           # rank 1 writes nothing but its cache shards
         c2r.atomic_write = lambda path, w: real_write(path, w) if "acts_" in str(path) else pytest.fail(
             f"rank 1 wrote {path}")
-    live, _ = train_gpt2.run(gpt2_args(model_dir, f"{root}/live", "--act-dtype", "float16"))
     cached, _ = train_gpt2.run(gpt2_args(model_dir, f"{root}/cached", "--cache", f"{root}/cache2"))
 
     def dying(*a):          # every rank's stream ends at step 5, after the checkpoint of step 4
@@ -150,38 +157,27 @@ def gpt2_ranks(rank, model_dir, root):
     lm.shuffled = real_shuffled
     resumed, _ = train_gpt2.run(gpt2_args(model_dir, f"{root}/resumed", "--act-dtype", "float16", "--ckpt-every",
                                           "4", "--resume"))
-    assert (live is None) == (cached is None) == (resumed is None) == (rank == 1)    # rank 0 reports alone
+    assert (cached is None) == (resumed is None) == (rank == 1)    # rank 0 reports alone
     if rank == 0:
-        json.dump(dict(steps=resumed["timing"]["c2r"]["steps"], ranks=live["run"]["ranks"]),
+        json.dump(dict(steps=resumed["timing"]["c2r"]["steps"], ranks=cached["run"]["ranks"]),
                   open(f"{root}/rank0.json", "w"))
 
 
 def test_train_gpt2_under_two_ranks(tmp_path):
-    """Two ranks, each its share of the tokens: rank 0 alone writes (checkpoints, results, SAEs);
-    the cache filled by both ranks trains the SAE the live float16 run trains, and holds what one
-    process harvests; a run killed after its checkpoint resumes to the SAE of the unbroken run."""
+    """Two ranks, each its share of the tokens: rank 0 alone writes (checkpoints, results, SAEs).
+    A run from the cache (both ranks harvest it, alternate shards) and a live float16 run killed
+    after its checkpoint and resumed end with the same SAE: each rank reads from the cache the
+    model batches it harvests live, and --resume replays each rank's stream."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
-    import lm
-    import train_gpt2
-    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                                  eos_token_id=0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "model")
     spawn(gpt2_ranks, str(tmp_path / "model"), str(tmp_path))
     assert json.load(open(tmp_path / "rank0.json")) == dict(steps=4, ranks=2)
-    live, _ = c2r.load(tmp_path / "live" / "c2r.pt")
-    for other in ("cached", "resumed"):
-        sae, _ = c2r.load(tmp_path / other / "c2r.pt")
-        for (k, a), b in zip(live.state_dict().items(), sae.state_dict().values()):
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"{other}: {k}")
-        assert (tmp_path / other / "results.json").exists() and (tmp_path / other / "c2r.ckpt.pt").exists()
-    # the 2-rank cache holds the activations one process harvests (shards 0, 2, .. by rank 0; 1, 3, .. by rank 1)
-    lm.SHARD_BYTES = 2 * 32 * 60 * 2
-    try:
-        train_gpt2.run(gpt2_args(str(tmp_path / "model"), tmp_path / "one", "--cache", str(tmp_path / "cache1")))
-    finally:
-        lm.SHARD_BYTES = 2 ** 28
-    one, two = (json.load(open(tmp_path / c / "manifest.json")) for c in ("cache1", "cache2"))
-    assert len(two["shards"]) >= 2 and one["scale"] == two["scale"]
-    for i in range(min(len(one["shards"]), len(two["shards"]))):
-        a, b = (np.load(lm.shard_path(tmp_path / c, i)) for c in ("cache1", "cache2"))
-        assert np.array_equal(a, b), i
+    (a, _), (b, _) = (c2r.load(tmp_path / run / "c2r.pt") for run in ("cached", "resumed"))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(vb, va, rtol=0, atol=1e-6, msg=k)
+    for run in ("cached", "resumed"):
+        assert (tmp_path / run / "results.json").exists() and (tmp_path / run / "c2r.ckpt.pt").exists()
+    assert len(json.load(open(tmp_path / "cache2" / "manifest.json"))["shards"]) >= 2     # rank 1 harvested too
