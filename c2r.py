@@ -263,8 +263,8 @@ class SAE(nn.Module):
     def sparse_codes(self, pre_BF, all_ranks=False):
         """The TopK kinds' codes as (values, rows, latents) of the k*B kept, rows ascending:
         topk keeps the k largest of each sample, batchtopk and matryoshka (training) the k*B
-        largest of the batch; all_ranks=True (train() under torchrun): this rank's part of the
-        k*B*N largest of the N ranks' batches together, what one process would keep of them."""
+        largest of the batch; all_ranks=True (train() under torchrun): this rank's share of the
+        k*B*N largest of all N ranks' batches, as one process would keep them."""
         B, Fn = pre_BF.shape
         if self.cfg.kind == "topk":
             vals, idx = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
@@ -316,11 +316,11 @@ def geometric_median(x_BD, iters=50, eps=1e-8):
 
 
 # -----------------------------------------------------------------------------
-# More than one GPU (torchrun): the ranks split every batch and train one SAE, the same on each.
-# Without a process group (or with one rank) nothing talks to anyone: train() is the one-process loop.
+# More than one GPU (torchrun): the ranks split every batch and train one SAE, the same on each
 
 def world():
-    """(this rank, number of ranks) of torch.distributed's process group; (0, 1) without one."""
+    """(this rank, number of ranks) of torch.distributed's process group; (0, 1) without one, and
+    then nothing here talks to anyone: train() is the one-process loop."""
     d = torch.distributed
     return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
@@ -336,7 +336,9 @@ def gather(t):
 
 def sharded(search, lo, hi):
     """search(a, b) -> a table of rows a..b-1 (their neighbours, say): each rank runs it on its 1/N
-    of rows lo..hi-1 and all_gather gives every rank the whole table; without a group, search(lo, hi)."""
+    of rows lo..hi-1 and all_gather gives every rank the whole table; without a group, search(lo, hi).
+    The same dot products as one process's search: bit for bit where the matmul's rounding does not
+    depend on how many rows it is given (this CPU's, tested; a GPU's may differ in the last bit)."""
     rank, n = world()
     per = -(-(hi - lo) // n)                    # all_gather wants one size: the last shares are padded
     a, b = min(lo + rank * per, hi), min(lo + (rank + 1) * per, hi)
@@ -455,10 +457,11 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 vals_N, rows_N, cols_N = sae.sparse_codes(pre_BF, all_ranks=True)
                 x_hat_BD = sae.decode_sparse(vals_N, rows_N, cols_N, B)
                 a_F = code_norms(vals_N, cols_N, cfg.n_latents)
-            if n_ranks > 1:     # C²R is cross-sample: the norms over the global batch. torch's differentiable
-                # all_reduce sums the ranks' gradients in backward, which the mean over ranks below undoes
-                from torch.distributed.nn.functional import all_reduce
-                sq_F = all_reduce(a_F.square())
+            if n_ranks > 1:     # the norms over the global batch (C²R is cross-sample): the sum of the ranks'
+                sq_F = a_F.square()  # squares, with N x this rank's gradient (the mean of the ranks' below: the sum)
+                all_F = sq_F.detach().clone()
+                torch.distributed.all_reduce(all_F)
+                sq_F = all_F + n_ranks * (sq_F - sq_F.detach())
                 a_F = torch.where(sq_F > 0, torch.where(sq_F > 0, sq_F, 1.0).sqrt(), 0.0)
             loss = recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
             if cfg.kind == "matryoshka":
