@@ -402,7 +402,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     the step to start from, the optimizer's saved state_dict, and `batches` positioned at that
     step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint).
     Under torchrun (a torch.distributed process group) give each rank its share of every batch, the
-    same size on each: the step is then the one-process step on their union, and the SAEs stay equal."""
+    same size on each: the step is then the one-process step on their union, and the SAEs stay equal
+    (the log's loss, fvu and l0 are this rank's share's; its c2r and dead the global batch's)."""
     cfg = replace(cfg or sae.cfg)     # a validated copy: fields set after construction are checked too
     # cfg may change how to train, not what the SAE is: activate() and the losses read sae.cfg
     differ = [f for f in ("d_model", "n_latents", "kind", "k", "prefixes", "aux_k")

@@ -181,3 +181,7 @@ def test_train_gpt2_under_two_ranks(tmp_path):
     for run in ("cached", "resumed"):
         assert (tmp_path / run / "results.json").exists() and (tmp_path / run / "c2r.ckpt.pt").exists()
     assert len(json.load(open(tmp_path / "cache2" / "manifest.json"))["shards"]) >= 2     # rank 1 harvested too
+    import train_gpt2         # each rank read its share of the stream: one process cannot continue it exactly
+    with pytest.raises(ValueError, match="another configuration: ranks was 2, now 1"):
+        train_gpt2.run(gpt2_args(str(tmp_path / "model"), tmp_path / "resumed", "--act-dtype", "float16",
+                                 "--ckpt-every", "4", "--resume"))
