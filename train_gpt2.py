@@ -91,7 +91,7 @@ ABSORPTION = "absorption.mean_absorption_fraction"
 COLS = [("FVU", "fvu", "{:.4f}"), ("L0", "l0", "{:.1f}"), ("dead", "dead", "{}"), ("CE loss", "ce_loss", "{:.4f}"),
         ("CE rec.", "ce_recovered", "{:.4f}"), ("C²R (last step)", "final_c2r", "{:.4g}"),
         ("absorption", ABSORPTION, "{:.4f}"), ("full abs.", "absorption.mean_full_absorption", "{:.4f}"),
-        ("split", "absorption.mean_split_latents", "{:.2f}"),
+        ("split", "absorption.mean_split_latents", "{:.2f}"), ("main F1", "absorption.mean_main_f1", "{:.3f}"),
         ("absorption - baseline's [95% CI]", "vs_baseline.absorption_fraction",
          "{0[diff]:+.4f} [{0[ci95][0]:+.4f}, {0[ci95][1]:+.4f}]")]
 
@@ -374,8 +374,14 @@ def evaluate(args, net, eval_ids, cfgs, saes, scale):
     data = None
     if args.probe_words != 0 and net.tok is not None:    # the model's part, once for all SAEs
         import absorption
-        data = absorption.prepare(net.tok, net.resid, device=net.dev, seed=args.seed, max_words=args.probe_words,
-                                  probe_epochs=args.probe_epochs, progress=not args.quiet)
+        f = args.cache and os.path.join(args.cache, f"absorption_{args.probe_words or 'all'}_{args.probe_epochs}.pt")
+        if f and os.path.exists(f):                      # the cache's model and layer: checked by its manifest
+            data = torch.load(f, weights_only=True)
+        else:                                            # SAEBench's seed (42): its words, split and prompts
+            data = absorption.prepare(net.tok, net.resid, device=net.dev, max_words=args.probe_words,
+                                      probe_epochs=args.probe_epochs, progress=not args.quiet)
+            if f:
+                c2r.atomic_write(f, lambda p: torch.save(data, p))
     for name, (sae, log) in saes.items():
         raw = lm.fold(sae, scale)
         r = res["saes"][name] = dict(recon_metrics(raw, x_eval), final_c2r=log[-1]["c2r"] if log else None,
