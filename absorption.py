@@ -279,7 +279,7 @@ def score(sae, data, *, bootstrap=1000, seed=None, chunk=4096):
     res = dict(data_key=data["key"], l1_seed=seed, probe_f1={LETTERS[l]: data["probe_f1"][l] for l in range(26)},
                letters_kept=len(kept), letters_dropped=26 - len(kept),
                dropped=[LETTERS[l] for l in range(26) if l not in kept], min_letters=MIN_LETTERS,
-               mean_absorption_fraction=None, mean_full_absorption=None, mean_split_latents=None, letters=[])
+               mean_absorption_fraction=None, mean_full_absorption=None, mean_split_latents=None, mean_main_f1=None, letters=[])
     if len(kept) < MIN_LETTERS:
         return res
     was, dev = sae.training, sae.W_dec_FD.device
@@ -302,7 +302,7 @@ def score(sae, data, *, bootstrap=1000, seed=None, chunk=4096):
                          absorption_fraction=frac[m].sum().item() / max(n, 1), n_full=int(full[m].sum()),
                          full_absorption_rate=full[m].sum().item() / max(n, 1)))
     for key, col in (("absorption_fraction", "absorption_fraction"), ("full_absorption", "full_absorption_rate"),
-                     ("split_latents", "n_split")):
+                     ("split_latents", "n_split"), ("main_f1", "main_f1")):
         v = np.array([r[col] for r in rows], dtype=np.float64)
         res[f"mean_{key}"], res[f"std_{key}"] = v.mean().item(), v.std(ddof=1).item()
     res["letters"] = rows

@@ -87,15 +87,23 @@ def c2r_penalty(a_F, W_dec_FD, nbr_F, *, alpha=1.0, unit_rows=False):
 
 
 @torch.no_grad()
-def nearest_neighbours(W_dec_FD, *, block=2048):
+def nearest_neighbours(W_dec_FD, *, block=2048, rows=None):
     """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary -> int64 [F]. Exact, block by
     block, memory O(block * F): the F x F matrix never exists (16 GiB in fp32 at 65,536 latents). It
     is symmetric, so a block of rows meets only itself and the rows after it: its row maxima are its
-    own candidates, its column maxima the later rows' candidates. Half the flops of a full pass."""
+    own candidates, its column maxima the later rows' candidates. Half the flops of a full pass.
+    rows=(lo, hi): rows lo..hi-1 alone -> [hi - lo], each against the whole dictionary (see sharded)."""
     n = W_dec_FD.shape[0]
     if n < 2:
         raise ValueError(f"C²R needs at least 2 latents to find neighbours, got n_latents={n}")
     W = F.normalize(W_dec_FD.detach(), dim=1)
+    if rows is not None:
+        out = [torch.zeros(0, dtype=torch.long, device=W.device)]
+        for s in range(*rows, block):
+            cos = W[s:min(s + block, rows[1])] @ W.T                    # [block, F]
+            cos.diagonal(s).fill_(-float("inf"))                       # not your own neighbour
+            out.append(cos.argmax(1))                                  # ties: the lowest j, as below
+        return torch.cat(out)
     best_F = torch.full((n,), -float("inf"), dtype=torch.promote_types(W.dtype, torch.float32), device=W.device)
     nbr_F = torch.zeros(n, dtype=torch.long, device=W.device)
 
@@ -279,17 +287,23 @@ class SAE(nn.Module):
         vals_N, rows_N, cols_N = self.sparse_codes(pre_BF)
         return torch.zeros_like(pre_BF).index_put((rows_N, cols_N), vals_N)
 
-    def sparse_codes(self, pre_BF):
+    def sparse_codes(self, pre_BF, all_ranks=False):
         """The TopK kinds' codes as (values, rows, latents) of the k*B kept, rows ascending:
         topk keeps the k largest of each sample, batchtopk and matryoshka (training) the k*B
-        largest of the batch."""
+        largest of the batch; all_ranks=True (train() under torchrun): this rank's share of the
+        k*B*N largest of all N ranks' batches, as one process would keep them."""
         B, Fn = pre_BF.shape
         if self.cfg.kind == "topk":
             vals, idx = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
             rows = torch.arange(B, device=pre_BF.device).repeat_interleave(self.cfg.k)
             return F.relu(vals).flatten(), rows, idx.flatten()
-        flat = pre_BF.flatten()
-        idx = flat.topk(min(self.cfg.k * B, flat.numel()), sorted=False).indices.sort().values
+        flat, (rank, n) = pre_BF.flatten(), world() if all_ranks else (0, 1)
+        if n == 1:
+            idx = flat.topk(min(self.cfg.k * B, flat.numel()), sorted=False).indices
+        else:           # each rank's own k*B*N best, best first; of all ranks', the k*B*N best are kept
+            v, i = flat.topk(min(self.cfg.k * B * n, flat.numel()))
+            idx = i[:int((gather(v).topk(self.cfg.k * B * n).indices // len(v) == rank).sum())]   # a host read
+        idx = idx.sort().values
         return F.relu(flat.gather(0, idx)), idx // Fn, idx % Fn
 
     def encode(self, x_BD):
@@ -328,6 +342,37 @@ def geometric_median(x_BD, iters=50, eps=1e-8):
 
 
 # -----------------------------------------------------------------------------
+# More than one GPU (torchrun): the ranks split every batch and train one SAE, the same on each
+
+def world():
+    """(this rank, number of ranks) of torch.distributed's process group; (0, 1) without one, and
+    then nothing here talks to anyone: train() is the one-process loop."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def gather(t):
+    """Every rank's t (the same shape on each), concatenated in rank order; t itself without a group."""
+    if world()[1] == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(world()[1])]
+    torch.distributed.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def sharded(search, lo, hi):
+    """search(a, b) -> a table of rows a..b-1 (their neighbours, say): each rank runs it on its 1/N
+    of rows lo..hi-1 and all_gather gives every rank the whole table; without a group, search(lo, hi).
+    The same dot products as one process's search: bit for bit where the matmul's rounding does not
+    depend on how many rows it is given (this CPU's, tested; a GPU's may differ in the last bit)."""
+    rank, n = world()
+    per = -(-(hi - lo) // n)                    # all_gather wants one size: the last shares are padded
+    a, b = min(lo + rank * per, hi), min(lo + (rank + 1) * per, hi)
+    mine = search(a, b)
+    return mine if n == 1 else gather(torch.cat([mine, mine.new_zeros((per - (b - a), *mine.shape[1:]))]))[:hi - lo]
+
+
+# -----------------------------------------------------------------------------
 # Training
 
 def lr_at(step, cfg):
@@ -358,7 +403,8 @@ def aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F):
     e_BD = (x_BD - x_hat_BD).detach()
     e_hat_BD = F.embedding_bag(idx, sae.W_dec_FD, mode="sum",        # the sparse decode, as in train
                                per_sample_weights=F.relu(vals).to(sae.W_dec_FD.dtype))
-    return (e_hat_BD - e_BD).pow(2).sum(-1).mean() / e_BD.pow(2).sum(-1).mean().clamp(min=1e-12)
+    # normalised by the residual's mean square over the global batch (all ranks', under torchrun)
+    return (e_hat_BD - e_BD).pow(2).sum(-1).mean() / gather(e_BD.pow(2).sum(-1).mean()[None]).mean().clamp(min=1e-12)
 
 
 def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, prefixes=None):
@@ -379,7 +425,10 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     and at the last; c2r is None when c2r_lambda = 0. Step 0 sets b_dec to the geometric median of
     the first batch, so to fine-tune a trained SAE pass start > 0. To resume an interrupted run:
     the step to start from, the optimizer's saved state_dict, and `batches` positioned at that
-    step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint)."""
+    step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint).
+    Under torchrun (a torch.distributed process group) give each rank its share of every batch, the
+    same size on each: the step is then the one-process step on their union, and the SAEs stay equal
+    (the log's loss, fvu and l0 are this rank's share's; its c2r and dead the global batch's)."""
     cfg = replace(cfg or sae.cfg)     # a validated copy: fields set after construction are checked too
     # cfg may change how to train, not what the SAE is: activate() and the losses read sae.cfg
     differ = [f for f in ("d_model", "n_latents", "kind", "k", "prefixes", "aux_k", "nbr_cands")
@@ -402,7 +451,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     # indexing, so the CPU queues the next step while the GPU runs this one; a NaN loss is checked at log steps.
     bad_loss = torch.zeros((), dtype=torch.bool, device=dev)
     bad_batch = torch.zeros((), dtype=torch.bool, device=dev)
-    checked = start
+    checked, n_ranks = start, world()[1]
     sae.train()
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     for step in pbar:
@@ -414,7 +463,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
         sae.check(x_BD)
         B = x_BD.shape[0]
         if step == 0:
-            sae.b_dec_D.data.copy_(geometric_median(x_BD))
+            sae.b_dec_D.data.copy_(geometric_median(gather(x_BD)))    # of the global batch, under torchrun
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
 
@@ -429,9 +478,15 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 x_hat_BD = sae.decode(acts_BF)
                 a_F = torch.linalg.vector_norm(acts_BF, dim=0)   # its gradient is 0 (not NaN) at a = 0
             else:
-                vals_N, rows_N, cols_N = sae.sparse_codes(pre_BF)
+                vals_N, rows_N, cols_N = sae.sparse_codes(pre_BF, all_ranks=True)
                 x_hat_BD = sae.decode_sparse(vals_N, rows_N, cols_N, B)
                 a_F = code_norms(vals_N, cols_N, cfg.n_latents)
+            if n_ranks > 1:     # the norms over the global batch (C²R is cross-sample): the sum of the ranks'
+                sq_F = a_F.square()  # squares, with N x this rank's gradient (the mean of the ranks' below: the sum)
+                all_F = sq_F.detach().clone()
+                torch.distributed.all_reduce(all_F)
+                sq_F = all_F + n_ranks * (sq_F - sq_F.detach())
+                a_F = torch.where(sq_F > 0, torch.where(sq_F > 0, sq_F, 1.0).sqrt(), 0.0)
             loss = recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
             if cfg.kind == "matryoshka":
                 # the mean over the prefixes, as the reference code; the last (all latents) is `recon`, decoded
@@ -446,10 +501,11 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 loss = loss + cfg.aux_coeff * aux_loss(sae, x_BD, x_hat_BD, pre_BF, dead_F)
             c2r = None                                        # lambda = 0: no search, nothing logged
             if cfg.c2r_lambda > 0:
-                # the rolling search: slice t of R searched afresh, then every latent's m candidates re-ranked
+                # the rolling search: slice t of R searched afresh (torchrun: 1/N of its rows on each rank),
+                # then every latent's m candidates re-ranked; a fresh SAE searches every row, to start
                 R, n, W, C = cfg.nbr_period(), cfg.n_latents, sae.W_dec_FD, sae.nbr_cand_FM
-                fresh = step == start and C[0, 0] < 0         # a fresh SAE: every row, to start
-                search_rows_(W, C, *((0, n) if fresh else (step % R * n // R, (step % R + 1) * n // R)), unit_rows=True)
+                lo, hi = (0, n) if step == start and C[0, 0] < 0 else (step % R * n // R, (step % R + 1) * n // R)
+                C[lo:hi] = sharded(lambda a, b: search_rows_(W, C, a, b, unit_rows=True)[a:b].clone(), lo, hi)
                 sae.nbr_F.copy_(rerank(W, C, unit_rows=True))
                 c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, alpha=cfg.c2r_alpha, unit_rows=True)
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
@@ -459,6 +515,10 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
         # ---- the update: keep decoder rows on the unit sphere exactly
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if n_ranks > 1:     # the global batch's gradient, the mean of the ranks': one all_reduce per tensor (4)
+            for p in sae.parameters():
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= n_ranks
         with torch.no_grad():
             W, G = sae.W_dec_FD, sae.W_dec_FD.grad
             G -= (G * W).sum(1, keepdim=True) * W     # drop the radial part of the gradient
@@ -469,9 +529,9 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
 
         # ---- statistics, here and nowhere else
         with torch.no_grad():
-            sae.tokens_since_fired.add_(B).masked_fill_(a_F > 0, 0)
-            if cfg.kind in ("batchtopk", "matryoshka"):   # EMA of the smallest code kept by BatchTopK
-                lo = vals_N.masked_fill(vals_N <= 0, float("inf")).min()    # inf: nothing fired, keep it
+            sae.tokens_since_fired.add_(B * n_ranks).masked_fill_(a_F > 0, 0)
+            if cfg.kind in ("batchtopk", "matryoshka"):   # EMA of the smallest code kept by BatchTopK (by any rank)
+                lo = gather(vals_N.masked_fill(vals_N <= 0, float("inf")).min()[None]).min()   # inf: none fired
                 m = cfg.thr_momentum
                 ema = torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo)
                 sae.threshold.copy_(torch.where(lo.isinf(), sae.threshold, ema))

@@ -289,6 +289,12 @@ def shuffled(chunks, n_buffer, batch, gen):
             yield rest[0]
 
 
+def share(items, size, rank, ranks):
+    """torchrun: this rank's items of a stream, cut in blocks of `size`: blocks rank, rank + ranks, ..."""
+    while block := list(itertools.islice(items, size * ranks)):
+        yield from block[rank * size:(rank + 1) * size]
+
+
 def rows_needed(steps, batch, n_buffer, chunk):
     """How many activations shuffled() pulls from chunks of `chunk` rows to serve `steps` batches:
     what the cache must hold. It mirrors shuffled's bookkeeping, chunk by chunk."""
@@ -351,34 +357,40 @@ def open_cache(folder, settings, n_rows):
     return shards
 
 
-def read_cache(shards, chunk, device):
-    """The cached activations in the chunks harvest() yields (shards hold whole chunks), as fp32."""
-    for a in shards:
-        for s in range(0, len(a), chunk):
-            yield torch.from_numpy(np.array(a[s:s + chunk])).to(device).float()
+def read_cache(shards, chunk, device, rank=0, ranks=1):
+    """The cached activations in the chunks harvest() yields (shards hold whole chunks), as fp32;
+    under torchrun this rank's chunks alone, those share() gives it of the live stream."""
+    for a, s in [(a, s) for a in shards for s in range(0, len(a), chunk)][rank::ranks]:
+        yield torch.from_numpy(np.array(a[s:s + chunk])).to(device).float()
 
 
 def fill_cache(folder, settings, rows, harvest_fn, n_rows, scale, say):
     """Harvest n_rows training activations into the cache, after the full shards already there.
-    harvest_fn(rows) -> chunks already rounded by rounded()."""
+    harvest_fn(rows) -> chunks already rounded by rounded(). Under torchrun every rank calls it and
+    harvests every N-th shard; the bookkeeping is rank 0's."""
+    (rank, ranks), man_path = c2r.world(), os.path.join(folder, "manifest.json")
+    barrier = torch.distributed.barrier if ranks > 1 else lambda: None
+    barrier()                                   # every rank has read the cache's state before rank 0 changes it
     os.makedirs(folder, exist_ok=True)
-    if check_cache(folder, settings) is None:
-        c2r.atomic_write(os.path.join(folder, "settings.json"), lambda p: Path(p).write_text(json.dumps(settings)))
-    elif os.path.exists(os.path.join(folder, "manifest.json")):    # too short: extend it, incomplete meanwhile
-        os.unlink(os.path.join(folder, "manifest.json"))
-    for f in os.listdir(folder):             # what a killed process left half-written
-        if ".tmp" in f:
-            os.unlink(os.path.join(folder, f))
+    if rank == 0:
+        if check_cache(folder, settings) is None:
+            c2r.atomic_write(os.path.join(folder, "settings.json"), lambda p: Path(p).write_text(json.dumps(settings)))
+        elif os.path.exists(man_path):          # too short: extend it, incomplete meanwhile
+            os.unlink(man_path)
+        for f in os.listdir(folder):            # what a killed process left half-written
+            if ".tmp" in f:
+                os.unlink(os.path.join(folder, f))
+    barrier()
     per, T1 = settings["shard_rows"], settings["ctx"] - 1
     done = 0
     while os.path.exists(shard_path(folder, done)) and len(np.load(shard_path(folder, done), mmap_mode="r")) == per:
         done += 1
     if done:
         say(f"cache {folder}: {done} full shards there, harvesting from token {done * per}")
-    chunks, sizes = harvest_fn(itertools.islice(rows, done * per // T1, None)), [per] * done
-    while sum(sizes) < n_rows:
+    chunks = harvest_fn(share(itertools.islice(rows, done * per // T1, None), per // T1, rank, ranks))
+    for i in range(done + rank, -(-n_rows // per), ranks):     # shard i: rows i * per, ... of the stream
         got, n = [], 0
-        while n < min(per, n_rows - sum(sizes)) and (c := next(chunks, None)) is not None:
+        while n < min(per, n_rows - i * per) and (c := next(chunks, None)) is not None:
             got.append(c.half().cpu())
             n += len(c)
         if not got:     # a finite dataset ran out: the cache holds what there was
@@ -387,10 +399,14 @@ def fill_cache(folder, settings, rows, harvest_fn, n_rows, scale, say):
         def write(p, a=torch.cat(got).numpy()):
             with open(p, "wb") as f:
                 np.save(f, a)
-        c2r.atomic_write(shard_path(folder, len(sizes)), write)
-        sizes.append(n)
+        c2r.atomic_write(shard_path(folder, i), write)
+    barrier()
+    sizes = [len(np.load(p, mmap_mode="r")) for i in range(max(done, -(-n_rows // per)))
+             if os.path.exists(p := shard_path(folder, i))]
     man = dict(settings, tokens=sum(sizes), shards=sizes, scale=scale, date=time.ctime())
-    c2r.atomic_write(os.path.join(folder, "manifest.json"), lambda p: Path(p).write_text(json.dumps(man, indent=1)))
+    if rank == 0:
+        c2r.atomic_write(man_path, lambda p: Path(p).write_text(json.dumps(man, indent=1)))
+    barrier()
     return man
 
 

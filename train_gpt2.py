@@ -91,7 +91,7 @@ ABSORPTION = "absorption.mean_absorption_fraction"
 COLS = [("FVU", "fvu", "{:.4f}"), ("L0", "l0", "{:.1f}"), ("dead", "dead", "{}"), ("CE loss", "ce_loss", "{:.4f}"),
         ("CE rec.", "ce_recovered", "{:.4f}"), ("C²R (last step)", "final_c2r", "{:.4g}"),
         ("absorption", ABSORPTION, "{:.4f}"), ("full abs.", "absorption.mean_full_absorption", "{:.4f}"),
-        ("split", "absorption.mean_split_latents", "{:.2f}"),
+        ("split", "absorption.mean_split_latents", "{:.2f}"), ("main F1", "absorption.mean_main_f1", "{:.3f}"),
         ("absorption - baseline's [95% CI]", "vs_baseline.absorption_fraction",
          "{0[diff]:+.4f} [{0[ci95][0]:+.4f}, {0[ci95][1]:+.4f}]")]
 
@@ -298,23 +298,25 @@ def activations(args, net, n_eval, steps, fp, say):
     ones) and source() -> the training activations in chunks, the same every call: from the
     model, or from the --cache, harvested first where it is missing or short."""
     rows = lambda: lm.contexts(args.data, net.tok, args.ctx, n_eval, net.model.config.vocab_size, args.seed)[1]
-    first_scale = lambda: next(net.harvest(rows())).pow(2).sum(1).mean().rsqrt().item()
+    first_scale = lambda: next(net.harvest(rows())).pow(2).sum(1).mean().rsqrt().item()    # the same on every rank
     live = lambda r: lm.rounded(net.harvest(r)) if args.act_dtype == "float16" else net.harvest(r)
+    rank, ranks = c2r.world()                   # torchrun: each rank its every N-th model batch
     if not args.cache:
-        return first_scale() if args.normalize else 1.0, lambda: live(rows()), dict(source="model")
+        return first_scale() if args.normalize else 1.0, \
+            lambda: live(lm.share(rows(), args.model_batch, rank, ranks)), dict(source="model")
     chunk = args.model_batch * (args.ctx - 1)
     settings = dict(model=args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer, random_init=args.random_init,
                     layer=args.layer, data=args.data, ctx=args.ctx, seed=args.seed, held_out_contexts=n_eval,
                     model_batch=args.model_batch, model_bf16=net.bf16, d_model=net.D, dtype="float16", inputs=fp,
                     shard_rows=max(1, lm.SHARD_BYTES // (2 * net.D * chunk)) * chunk)
-    n_rows = lm.rows_needed(steps, args.batch, int(args.buffer), chunk)
+    n_rows = ranks * lm.rows_needed(steps, args.batch // ranks, int(args.buffer), chunk)
     man = lm.check_cache(args.cache, settings)
     clock = {}                                   # the model's time and tokens, disk writes apart
     if man is None or man["tokens"] < n_rows:
         timed_live = lambda r: lm.timed(live(r), clock)
         man = lm.fill_cache(args.cache, settings, rows(), timed_live, n_rows, first_scale(), say)
     shards = lm.open_cache(args.cache, settings, n_rows)
-    return man["scale"] if args.normalize else 1.0, lambda: lm.read_cache(shards, chunk, net.dev), \
+    return man["scale"] if args.normalize else 1.0, lambda: lm.read_cache(shards, chunk, net.dev, rank, ranks), \
         dict(source="cache", harvested_tokens=clock.get("tokens", 0), harvest_s=clock.get("s", 0.0))
 
 
@@ -325,6 +327,7 @@ def train_one(args, name, cfg, batches, scale, run_info, fp, dev, say):
     sae, start, opt_state, log = c2r.SAE(cfg).to(dev), 0, None, []
     if args.resume and os.path.exists(ck):
         old, extra = c2r.load(ck, map_location=dev)
+        extra["run"].setdefault("ranks", 1)       # written before torchrun runs: by one process
         changed = lm.fingerprint_diff(extra.get("inputs"), fp, f"the checkpoint {ck}")
         if changed:
             raise ValueError(f"--resume: {'; '.join(changed)}: start over in another --out")
@@ -337,11 +340,11 @@ def train_one(args, name, cfg, batches, scale, run_info, fp, dev, say):
                              + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
         sae, start, opt_state, log = old.to(dev), extra["step"], extra["opt"], extra["log"]
         say(f"{name}: resuming at step {start} of {cfg.steps}")
-    elif args.resume:
+    elif args.resume and c2r.world()[0] == 0:
         print(f"{name}: --resume found no checkpoint {ck}, starting from step 0", file=sys.stderr)
 
-    def on_step(step, opt, new_log):
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == cfg.steps:
+    def on_step(step, opt, new_log):            # rank 0 writes: the ranks' SAEs are the same
+        if c2r.world()[0] == 0 and ((step + 1) % args.ckpt_every == 0 or step + 1 == cfg.steps):
             c2r.save(sae, ck, step=step + 1, opt=opt.state_dict(), log=log + new_log, run=run_info, scale=scale,
                      inputs=fp)
 
@@ -371,8 +374,14 @@ def evaluate(args, net, eval_ids, cfgs, saes, scale):
     data = None
     if args.probe_words != 0 and net.tok is not None:    # the model's part, once for all SAEs
         import absorption
-        data = absorption.prepare(net.tok, net.resid, device=net.dev, seed=args.seed, max_words=args.probe_words,
-                                  probe_epochs=args.probe_epochs, progress=not args.quiet)
+        f = args.cache and os.path.join(args.cache, f"absorption_{args.probe_words or 'all'}_{args.probe_epochs}.pt")
+        if f and os.path.exists(f):                      # the cache's model and layer: checked by its manifest
+            data = torch.load(f, weights_only=True)
+        else:                                            # SAEBench's seed (42): its words, split and prompts
+            data = absorption.prepare(net.tok, net.resid, device=net.dev, max_words=args.probe_words,
+                                      probe_epochs=args.probe_epochs, progress=not args.quiet)
+            if f:
+                c2r.atomic_write(f, lambda p: torch.save(data, p))
     for name, (sae, log) in saes.items():
         raw = lm.fold(sae, scale)
         r = res["saes"][name] = dict(recon_metrics(raw, x_eval), final_c2r=log[-1]["c2r"] if log else None,
@@ -388,11 +397,19 @@ def evaluate(args, net, eval_ids, cfgs, saes, scale):
 
 
 def run(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():   # torchrun
+        if args.device == "cuda":               # one GPU per rank
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, ranks = c2r.world()
+    args.quiet |= rank > 0                       # rank 0 speaks, and evaluates and writes alone
     t_start, say = time.time(), (lambda *a: None) if args.quiet else print
     runs = parse_runs(args.runs)                 # a typo fails here, before the model loads
     steps = int(args.tokens) // args.batch
-    if steps < 1:
-        raise ValueError(f"--tokens {int(args.tokens)} is less than one batch of {args.batch}")
+    if steps < 1 or args.batch % ranks:
+        raise ValueError(f"--tokens {int(args.tokens)} is less than one batch of {args.batch}" if steps < 1 else
+                         f"--batch {args.batch} does not split evenly over the {ranks} ranks")
     for name, over in runs.items():                # each run's Config too: d_model is checked nowhere else
         config_for(args, name, over, 1, steps, torch.device(args.device))
     if args.cache and args.act_dtype == "float32":
@@ -410,15 +427,18 @@ def run(args):
     say(f"activation scale {scale:.4g}; {len(cfgs)} SAEs, {steps} steps x {args.batch} tokens each")
     run_info = {k: getattr(args, k) for k in ("model", "gguf_file", "random_init", "layer", "data", "ctx",
                                               "model_batch", "batch", "normalize", "seed", "act_dtype")}
-    run_info.update(tokens=int(args.tokens), eval_tokens=int(args.eval_tokens), buffer=int(args.buffer))
+    # ranks: each reads its share of the stream, so a checkpoint resumes exactly with as many ranks alone
+    run_info.update(tokens=int(args.tokens), eval_tokens=int(args.eval_tokens), buffer=int(args.buffer), ranks=ranks)
 
     def batches(clock):       # the same batches for every SAE: seeded token order and shuffle
         gen = torch.Generator(device=net.dev).manual_seed(args.seed)
-        return (x * scale for x in lm.shuffled(lm.timed(source(), clock), int(args.buffer), args.batch, gen))
+        return (x * scale for x in lm.shuffled(lm.timed(source(), clock), int(args.buffer), args.batch // ranks, gen))
     saes, timing = {}, {}
     for name, cfg in cfgs.items():
         sae, log, timing[name] = train_one(args, name, cfg, batches, scale, run_info, fp, net.dev, say)
         saes[name], timing[name]["source"] = (sae, log), acts_info["source"]
+    if rank > 0:
+        return None, {n: s for n, (s, _) in saes.items()}
     t0 = time.time()
     res = dict(run=run_info, scale=scale, configs={n: asdict(c) for n, c in cfgs.items()},
                **evaluate(args, net, eval_ids, cfgs, saes, scale))
@@ -445,3 +465,5 @@ def run(args):
 
 if __name__ == "__main__":
     run(parse_args())
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

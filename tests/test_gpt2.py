@@ -146,10 +146,10 @@ def test_absorption_call_site(tiny, tmp_path, monkeypatch):
     _, _, model, tok = tiny
     calls = []
 
-    def prepare(tok_, resid_fn, *, device, seed, **opts):
+    def prepare(tok_, resid_fn, *, device, **opts):
         ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
         assert tok_ is not None and torch.equal(resid_fn(ids), lm.resid(model, lm.blocks_of(model), 1, ids))
-        calls.append(("prepare", seed, opts["max_words"]))
+        calls.append(("prepare", opts.get("seed", 42), opts["max_words"]))
         return dict(key="d")
 
     def score(sae, data):
@@ -164,7 +164,7 @@ def test_absorption_call_site(tiny, tmp_path, monkeypatch):
         prepare=prepare, score=score, bootstrap_diff=bootstrap_diff))
     res, saes = tg.run(args_for(tiny, tmp_path, "--probe-words", "50", "--runs", "c2r_lambda=5", "base: c2r_lambda=0",
                                 "seed=1", "seed=2"))
-    assert calls[0] == ("prepare", 0, 50) and [c[0] for c in calls].count("prepare") == 1
+    assert calls[0] == ("prepare", 42, 50) and [c[0] for c in calls].count("prepare") == 1   # SAEBench's seed
     assert [c for c in calls if c[0] == "score"] == [("score", 5.0, 0), ("score", 0.0, 0), ("score", 0.0, 1),
                                                      ("score", 0.0, 2)]
     assert [c for c in calls if c[0] == "diff"] == [("diff", 0.25, 0.5), ("diff", 0.75, 0.5), ("diff", None, 0.5)]
@@ -178,6 +178,13 @@ def test_absorption_call_site(tiny, tmp_path, monkeypatch):
     assert g[("base", "seed1", "seed2")]["absorption"] is None and g[("lam5",)]["absorption"] == [0.25, 0]
     pytest.importorskip("matplotlib")
     assert (tmp_path / "results.png").stat().st_size > 0
+    # with --cache, the model's part is kept beside the activations and never recomputed
+    calls.clear()
+    cache = ["--probe-words", "50", "--cache", str(tmp_path / "cache"), "--runs", "c2r_lambda=0"]
+    tg.run(args_for(tiny, tmp_path / "c1", *cache))
+    tg.run(args_for(tiny, tmp_path / "c2", *cache))
+    assert [c[0] for c in calls] == ["prepare", "score", "score"]
+    assert torch.load(tmp_path / "cache" / "absorption_50_50.pt", weights_only=True) == dict(key="d")
 
 
 def test_absorption_for_real(tiny, tmp_path):
