@@ -87,23 +87,16 @@ def c2r_penalty(a_F, W_dec_FD, nbr_F, *, alpha=1.0, unit_rows=False):
 
 
 @torch.no_grad()
-def nearest_neighbours(W_dec_FD, *, block=2048, rows=None):
+def nearest_neighbours(W_dec_FD, *, block=2048):
     """j(i) = argmax_{j != i} cos(w_i, w_j) over the *whole* dictionary -> int64 [F]. Exact, block by
     block, memory O(block * F): the F x F matrix never exists (16 GiB in fp32 at 65,536 latents). It
     is symmetric, so a block of rows meets only itself and the rows after it: its row maxima are its
     own candidates, its column maxima the later rows' candidates. Half the flops of a full pass.
-    rows=(lo, hi): rows lo..hi-1 alone -> [hi - lo], each against the whole dictionary (see sharded)."""
+    train() uses search_rows_ + rerank instead: the same neighbours at a small, even cost per step."""
     n = W_dec_FD.shape[0]
     if n < 2:
         raise ValueError(f"C²R needs at least 2 latents to find neighbours, got n_latents={n}")
     W = F.normalize(W_dec_FD.detach(), dim=1)
-    if rows is not None:
-        out = [torch.zeros(0, dtype=torch.long, device=W.device)]
-        for s in range(*rows, block):
-            cos = W[s:min(s + block, rows[1])] @ W.T                    # [block, F]
-            cos.diagonal(s).fill_(-float("inf"))                       # not your own neighbour
-            out.append(cos.argmax(1))                                  # ties: the lowest j, as below
-        return torch.cat(out)
     best_F = torch.full((n,), -float("inf"), dtype=torch.promote_types(W.dtype, torch.float32), device=W.device)
     nbr_F = torch.zeros(n, dtype=torch.long, device=W.device)
 

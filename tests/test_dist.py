@@ -70,7 +70,7 @@ def c2r_ranks(rank, out):
         sae, _ = c2r.train(c2r.SAE(config(kind)).double(), half, progress=False)
         found[kind] = dict(sae.state_dict())
     W = torch.randn(96, 16, generator=torch.Generator().manual_seed(3))
-    near = lambda a, b: c2r.nearest_neighbours(W, rows=(a, b), block=20)
+    near = lambda a, b: c2r.search_rows_(W, torch.zeros(96, 1, dtype=torch.long), a, b, block=20)[a:b, 0]
     pairs = lambda a, b: torch.stack([torch.arange(a, b), torch.arange(a, b) * 10 + rank], 1)   # who did which
     for lo, hi in [(0, 96), (10, 53), (95, 96), (40, 40)]:
         found[f"{lo}:{hi}"] = c2r.sharded(near, lo, hi)
@@ -109,7 +109,7 @@ def test_sharded_search_equals_the_one_process_search(ranks_found):
     for key in ("0:96", "10:53", "95:96", "40:40"):
         lo, hi = map(int, key.split(":"))
         assert torch.equal(r0[key], r1[key]), key                     # both ranks hold the whole table
-        assert torch.equal(r0[key], c2r.nearest_neighbours(W, rows=(lo, hi))), key
+        assert torch.equal(r0[key], c2r.search_rows_(W, torch.zeros(96, 1, dtype=torch.long), lo, hi)[lo:hi, 0]), key
         assert torch.equal(r0[key], neighbours_reference(W)[lo:hi]), key
     assert torch.equal(r0["0:96"], c2r.nearest_neighbours(W))         # = the one-process symmetric search
     # rows 3..9: rank 0 searched 3..6, rank 1 7..9 (the table is gathered in row order, padding dropped)
