@@ -1,6 +1,7 @@
 """Join train_gpt2.py result folders made with the same run settings (model, layer, tokens, batch,
 activation cache, absorption data) into one results.json, table and figure: the SAEs of the later
-folders win where a name repeats, and the seed groups (mean ± std) are formed over all of them.
+folders win where a name repeats, the seed groups (mean ± std) are formed over all of them, and
+every SAE's absorption gap is taken anew against one baseline: the first folder's.
 
     python results/merge_results.py OUT IN1 IN2 ...
 """
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import absorption  # noqa: E402
 import c2r  # noqa: E402
 import lm  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
@@ -30,6 +32,11 @@ for folder in ins:
     res["timing"].update({n: t for n, t in r["timing"].items() if n in r["saes"]})
 cfgs = {n: c2r.Config(**c | dict(prefixes=tuple(c["prefixes"]))) for n, c in res["configs"].items()}
 res["groups"] = tg.seed_groups(cfgs, res["saes"])
+base = res["saes"][res["baseline"]]
+for name, r in res["saes"].items():
+    r.pop("vs_baseline", None)
+    if name != res["baseline"] and "absorption" in r:
+        r["vs_baseline"] = absorption.bootstrap_diff(r["absorption"], base["absorption"])
 res["merged_from"] = ins
 os.makedirs(out, exist_ok=True)
 c2r.atomic_write(os.path.join(out, "results.json"), lambda p: Path(p).write_text(json.dumps(res, indent=2)))

