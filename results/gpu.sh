@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU number of the README, as the one prepared script for a session with an H200:
 #
-#     OUT=/some/dir bash results/gpu.sh       # about 5 minutes expected, 9.4 at most (each part has a timeout)
+#     OUT=/some/dir bash results/gpu.sh       # about 5 minutes expected, 9.3 at most (each part has a timeout)
 #     SMALL=1 OUT=/tmp/g bash results/gpu.sh  # the same, tiny, on a CPU: to try this script itself
 #
 # 1. bench.py at its GPU sizes (README, Speed): the step table at 24,576 and 65,536 latents and
 #    c2r_loss alone up to 131,072 (`ours + C²R`: the default rolling search, timed against its twin
-#    without C²R, and its penalty error); then `ours + C²R` with R = 1, the exact search every step;
-#    then a torch.profiler table of each row (packed into profile.tgz).
+#    without C²R, and its penalty error); then that ratio and error at 4,096 / 262,144 / 1,048,576
+#    latents (issue 12: <= 10 % of the step at every width); then a torch.profiler table of each row
+#    (packed into profile.tgz).
 # 2. train_gpt2.py's defaults (BatchTopK, 24,576 latents, k=32, 10M tokens per SAE, layer 8) on
 #    GPT-2 small's architecture with random weights and random tokens (no weights or text can be
 #    reached there), for its throughput, peak memory and wall time (README, GPT-2 small). With
@@ -15,7 +16,7 @@
 #    evaluation runs and is timed too (its numbers mean nothing on a random model).
 #
 # $OUT gets 7 files at most (the device tool brings back 8): env.txt, bench.txt, bench.json,
-# bench_R1.txt, profile.tgz, gpt2_log.txt, gpt2_results.json. Checkpoints stay on the machine.
+# bench_wide.txt, profile.tgz, gpt2_log.txt, gpt2_results.json. Checkpoints stay on the machine.
 # A part that fails or runs out of time says so in its file, and the next part still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,14 +45,16 @@ part() {     # part SECONDS FILE COMMAND...: run with a time limit, keep the out
 cat "$OUT/env.txt"
 
 part 150 "$OUT/bench.txt" python3 bench.py --out "$OUT/bench.json" "${BENCH[@]}"
-part 30 "$OUT/bench_R1.txt" python3 bench.py --c2r-latents --rows "ours + C²R" --nbr-every 1 "${BENCH[@]}"
+WIDE=(--n-latents 4096 262144 1048576 --steps 20 --warmup 5 --err-steps 5)
+if [ -n "${SMALL:-}" ]; then WIDE=(--n-latents 256 1024 --steps 2 --warmup 1 --err-steps 2); fi
+part 60 "$OUT/bench_wide.txt" python3 bench.py --c2r-latents --rows "ours + C²R" "${BENCH[@]}" "${WIDE[@]}"
 part 30 "$RUN/profile.txt" python3 bench.py --c2r-latents --steps 10 --warmup 5 --profile "$RUN/profile" "${BENCH[@]}"
 mkdir -p "$RUN/profile" && mv "$RUN/profile.txt" "$RUN/profile/" && tar czf "$OUT/profile.tgz" -C "$RUN" profile
 
 TOK=()
 if [ -d .tok/gpt2 ]; then TOK=(--tokenizer .tok/gpt2); fi
 t0=$(date +%s%N)
-part 230 "$OUT/gpt2_log.txt" python3 train_gpt2.py --random-init --data random "${TOK[@]}" --out "$RUN/gpt2" --quiet "${GPT2[@]}"
+part 200 "$OUT/gpt2_log.txt" python3 train_gpt2.py --random-init --data random "${TOK[@]}" --out "$RUN/gpt2" --quiet "${GPT2[@]}"
 echo "wall time of the whole train_gpt2.py command: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$OUT/gpt2_log.txt"
 cp "$RUN/gpt2/results.json" "$OUT/gpt2_results.json" 2>/dev/null || echo "no results.json" | tee -a "$OUT/gpt2_log.txt"
 true
