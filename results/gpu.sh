@@ -45,16 +45,16 @@ part() {     # part SECONDS FILE COMMAND...: run with a time limit, keep the out
 cat "$OUT/env.txt"
 
 part 150 "$OUT/bench.txt" python3 bench.py --out "$OUT/bench.json" "${BENCH[@]}"
-WIDE=(--n-latents 4096 262144 1048576 --steps 20 --warmup 5 --err-steps 5)
+WIDE=(--n-latents 4096 262144 1048576 --steps 20 --warmup 5 --err-steps 3)
 if [ -n "${SMALL:-}" ]; then WIDE=(--n-latents 256 1024 --steps 2 --warmup 1 --err-steps 2); fi
-part 60 "$OUT/bench_wide.txt" python3 bench.py --c2r-latents --rows "ours + C²R" "${BENCH[@]}" "${WIDE[@]}"
+part 90 "$OUT/bench_wide.txt" python3 bench.py --c2r-latents --rows "ours + C²R" "${BENCH[@]}" "${WIDE[@]}"
 part 30 "$RUN/profile.txt" python3 bench.py --c2r-latents --steps 10 --warmup 5 --profile "$RUN/profile" "${BENCH[@]}"
 mkdir -p "$RUN/profile" && mv "$RUN/profile.txt" "$RUN/profile/" && tar czf "$OUT/profile.tgz" -C "$RUN" profile
 
 TOK=()
 if [ -d .tok/gpt2 ]; then TOK=(--tokenizer .tok/gpt2); fi
 t0=$(date +%s%N)
-part 200 "$OUT/gpt2_log.txt" python3 train_gpt2.py --random-init --data random "${TOK[@]}" --out "$RUN/gpt2" --quiet "${GPT2[@]}"
+part 170 "$OUT/gpt2_log.txt" python3 train_gpt2.py --random-init --data random "${TOK[@]}" --out "$RUN/gpt2" --quiet "${GPT2[@]}"
 echo "wall time of the whole train_gpt2.py command: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$OUT/gpt2_log.txt"
 cp "$RUN/gpt2/results.json" "$OUT/gpt2_results.json" 2>/dev/null || echo "no results.json" | tee -a "$OUT/gpt2_log.txt"
 true
