@@ -542,7 +542,8 @@ def plot(res, path):
         ax.set_ylabel("mean absorption fraction (lower is better)")
         ax.grid(alpha=0.3)
     n = max(len(g["runs"]) for g in res["groups"])
-    fig.suptitle(f"train_gpt2.py: {res['run']['model']}, layer {res['run']['layer']}; mean ± std over "
+    fig.suptitle(f"train_gpt2.py: {res['run'].get('gguf_file') or os.path.basename(res['run']['model'].rstrip('/'))}, "
+                 f"layer {res['run']['layer']}; mean ± std over "
                  f"up to {n} seed{'s' * (n > 1)}", fontsize=11)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=max(1, len(curves)), fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
