@@ -1,7 +1,8 @@
 """Join train_gpt2.py result folders made with the same run settings (model, layer, tokens, batch,
 activation cache, absorption data) into one results.json, table and figure: the SAEs of the later
 folders win where a name repeats, the seed groups (mean ± std) are formed over all of them, and
-every SAE's absorption gap is taken anew against one baseline: the first folder's.
+every SAE's absorption gap is taken anew against one baseline: the first folder's. The evaluation
+and whole-run seconds are summed over the folders (which may have run side by side).
 
     python results/merge_results.py OUT IN1 IN2 ...
 """
@@ -30,6 +31,8 @@ for folder in ins:
     for k in ("saes", "configs"):
         res[k].update(r[k])
     res["timing"].update({n: t for n, t in r["timing"].items() if n in r["saes"]})
+    for k in ("eval_s", "total_s"):
+        res["timing"][k] += r["timing"][k]
 cfgs = {n: c2r.Config(**c | dict(prefixes=tuple(c["prefixes"]))) for n, c in res["configs"].items()}
 res["groups"] = tg.seed_groups(cfgs, res["saes"])
 base = res["saes"][res["baseline"]]
