@@ -76,14 +76,20 @@ def c2r_penalty(a_F, W_dec_FD, nbr_F, *, alpha=1.0, unit_rows=False):
         torch._assert_async(((nbr_F >= 0) & (nbr_F < n)).all(), "c2r_penalty: nbr_F holds indices outside "
                             "[0, n_latents) (-1: never searched); build it with nearest_neighbours(W_dec)")
     W = W_dec_FD if unit_rows else F.normalize(W_dec_FD, dim=1)    # cosines, whatever the row norms
-    s_F = (W * W[nbr_F]).sum(dim=1).clamp(min=0) ** 2
-    x_F = a_F + a_F[nbr_F]
+    return c2r_terms(a_F, W, slice(None), nbr_F, alpha=alpha).mean()
+
+
+def c2r_terms(a_F, W_FD, i, nbr_N, *, alpha=1.0):
+    """C²R's per-latent terms (a_i + a_j(i))^alpha * max(<w_i, w_j(i)>, 0)^2 of the latents i (a slice
+    or an index tensor [N]) whose neighbours are nbr_N [N]; W_FD's rows unit norm."""
+    s_N = (W_FD[i] * W_FD[nbr_N]).sum(dim=1).clamp(min=0) ** 2
+    x_N = a_F[i] + a_F[nbr_N]
     if alpha != 1.0:
         # 0^alpha has an infinite slope for alpha < 1: keep pairs of silent latents
         # (x = 0, common after TopK) out of the power so no NaN reaches the gradient.
-        on = x_F > 0
-        x_F = torch.where(on, torch.where(on, x_F, 1.0) ** alpha, 0.0)
-    return (x_F * s_F).mean()
+        on = x_N > 0
+        x_N = torch.where(on, torch.where(on, x_N, 1.0) ** alpha, 0.0)
+    return x_N * s_N
 
 
 @torch.no_grad()
@@ -183,6 +189,8 @@ class Config:
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
                                  # every step, the exact definition; 0 = ceil(F / 512): ~(512 + m) / (3 batch) of a step
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step [latents]
+    nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
+                                 # current update (they serve that long); 0 = where they are [periods]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
     aux_coeff: float = 1 / 32    # weight of the AuxK loss
@@ -228,7 +236,8 @@ class Config:
                 ("c2r_lambda", self.c2r_lambda >= 0, ">= 0"), ("c2r_alpha", self.c2r_alpha > 0, "> 0"),
                 ("n_latents", self.c2r_lambda == 0 or self.n_latents >= 2, ">= 2 for C²R (c2r_lambda > 0)"),
                 ("l1_coeff", self.l1_coeff >= 0, ">= 0"), ("nbr_every", self.nbr_every >= 0, ">= 0 (0: F / 512)"),
-                ("nbr_cands", self.nbr_cands >= 1, ">= 1"), ("aux_k", self.aux_k >= 0, ">= 0"),
+                ("nbr_cands", self.nbr_cands >= 1, ">= 1"), ("nbr_ahead", self.nbr_ahead >= 0, ">= 0"),
+                ("aux_k", self.aux_k >= 0, ">= 0"),
                 ("aux_coeff", self.aux_coeff >= 0, ">= 0"), ("dead_tokens", self.dead_tokens >= 0, ">= 0"),
                 ("steps", self.steps >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
                 ("clip_grad", self.clip_grad >= 0, ">= 0 (0: no clipping)"),
@@ -368,6 +377,34 @@ def sharded(search, lo, hi):
 # -----------------------------------------------------------------------------
 # Training
 
+@torch.no_grad()
+def heading(W_FD, opt, H):
+    """Where the unit rows W_FD go in H more steps of Adam's current update (its bias-corrected
+    exp_avg / sqrt(exp_avg_sq), at the group's lr): C²R's neighbours are mostly latents closing in
+    on each other, so the rolling search looks there, not where the rows are (refresh.md). W_FD
+    itself if H = 0 or before the first step."""
+    st, group = opt.state.get(W_FD), opt.param_groups[0]
+    if H == 0 or not st:
+        return W_FD.detach()
+    (b1, b2), k = group["betas"], st["step"]    # a tensor: no host read
+    u_FD = st["exp_avg"] / (1 - b1 ** k) / ((st["exp_avg_sq"] / (1 - b2 ** k)).sqrt() + group["eps"])
+    return F.normalize(W_FD.detach() - H * group["lr"] * u_FD, dim=1)
+
+
+@torch.no_grad()
+def table_error(sae, a_F, step, rows=512):
+    """How far train()'s neighbour table sae.nbr_F is from exact, for the log: |sum of C²R's terms
+    with it / with an exact search - 1| over `rows` latents evenly spread over the dictionary (so
+    over every age of the rolling search), on this decoder and these norms. Costs 1/R-th of a full
+    search; train() runs it at log steps only."""
+    W, n = sae.W_dec_FD.detach(), sae.cfg.n_latents
+    i_N = torch.arange(step % max(1, n // rows), n, max(1, n // rows), device=W.device)
+    cos = W[i_N] @ W.T
+    cos[torch.arange(len(i_N), device=W.device), i_N] = -float("inf")
+    got, want = (c2r_terms(a_F, W, i_N, j, alpha=sae.cfg.c2r_alpha).sum() for j in (sae.nbr_F[i_N], cos.argmax(1)))
+    return torch.where(want > 0, (got / want - 1).abs(), 0.0)
+
+
 def lr_at(step, cfg):
     """Linear warmup, constant, then linear decay to 0 over the last `decay` of the run."""
     warm, dec = cfg.warmup * cfg.steps, cfg.decay * cfg.steps
@@ -414,8 +451,9 @@ def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, prefixes=None):
 
 def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
-    Returns (sae, log): log holds a dict (step, loss, fvu, l0, c2r, dead) every cfg.log_every steps
-    and at the last; c2r is None when c2r_lambda = 0. Step 0 sets b_dec to the geometric median of
+    Returns (sae, log): log holds a dict (step, loss, fvu, l0, c2r, nbr_err, dead) every
+    cfg.log_every steps and at the last; c2r and nbr_err (how far the neighbour table is from exact:
+    table_error) are None when c2r_lambda = 0. Step 0 sets b_dec to the geometric median of
     the first batch, so to fine-tune a trained SAE pass start > 0. To resume an interrupted run:
     the step to start from, the optimizer's saved state_dict, and `batches` positioned at that
     step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint).
@@ -498,12 +536,16 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 # then every latent's m candidates re-ranked; a fresh SAE searches every row, to start
                 R, n, W, C = cfg.nbr_period(), cfg.n_latents, sae.W_dec_FD, sae.nbr_cand_FM
                 lo, hi = (0, n) if step == start and C[0, 0] < 0 else (step % R * n // R, (step % R + 1) * n // R)
-                C[lo:hi] = sharded(lambda a, b: search_rows_(W, C, a, b, unit_rows=True)[a:b].clone(), lo, hi)
+                P = heading(W, opt, (R - 1) * cfg.nbr_ahead)   # the candidates serve R - 1 more steps
+                C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True)[a:b].clone(), lo, hi)
                 sae.nbr_F.copy_(rerank(W, C, unit_rows=True))
                 c2r = c2r_penalty(a_F, sae.W_dec_FD, sae.nbr_F, alpha=cfg.c2r_alpha, unit_rows=True)
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         bad_loss |= ~torch.isfinite(loss)
         bad_batch |= ~torch.isfinite(x_BD).all()
+        log_step = step % cfg.log_every == 0 or step == cfg.steps - 1
+        if c2r is not None and log_step:
+            nbr_err = table_error(sae, a_F.detach().float(), step)
 
         # ---- the update: keep decoder rows on the unit sphere exactly
         opt.zero_grad(set_to_none=True)
@@ -528,7 +570,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 m = cfg.thr_momentum
                 ema = torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo)
                 sae.threshold.copy_(torch.where(lo.isinf(), sae.threshold, ema))
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        if log_step:
             if bad_loss:    # the weights are NaN from here on: stop now, and say why
                 what = "an input batch contained NaN or inf" if bad_batch else \
                        "the SAE's weights or activations overflowed (try a lower lr or c2r_lambda)"
@@ -538,6 +580,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 on = (acts_BF if cfg.kind == "relu" else vals_N) > 0
                 log.append(dict(step=step, loss=loss.item(), fvu=fvu(x_BD, x_hat_BD).item(), l0=on.sum().item() / B,
                                 c2r=None if c2r is None else c2r.item(),
+                                nbr_err=None if c2r is None else nbr_err.item(),
                                 dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum())))
             pbar.set_postfix({k: v for k, v in log[-1].items() if k != "step" and v is not None})
         if on_step is not None:

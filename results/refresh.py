@@ -5,15 +5,17 @@
     OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
     python results/refresh.py --cost                                              # the cost model's tables
 
-Trains one SAE with c2r.train as configured (default: Config's own search, R = ceil(F / 512), m = 4)
+Trains one SAE with c2r.train as configured (default: Config's own search, R = ceil(F / 512), m = 16)
 and before every step compares the C²R penalty of the table train() uses with the exact one (a
 fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
 --also runs other searches alongside on the same decoders, each keeping its own state as train()
-would: roll:R:m (the rolling search, R steps a period, m candidates re-ranked; m = 1: none; with
-:rev, each latent is also offered the best match among the rows just searched), full:R (a full
-search every R steps: the old default, R = 10) and lag:R (the exact table of R steps before).
-They answer "what if the width, so R, were larger?" on this run's trajectory. Every number: mean ±
-std over seeds."""
+would: roll:R:m (the rolling search on the decoder as it is, R steps a period, m candidates
+re-ranked; m = 1: none; with :rev, each latent is also offered the best match among the rows just
+searched), adam:R:m:H[:only] (the search on the rows moved on H steps of Adam's update, c2r.heading;
+:only: all m candidates from there, else half), pred:R:m:H:L[:only] (the same with each row's pace
+over its last L steps), full:R (a full search every R steps: the old default, R = 10) and lag:R (the
+exact table of R steps before). They answer "what if the width, so R, were larger?" on this run's
+trajectory. The table also shows train()'s own check, its log's nbr_err (512 rows). Every number: mean ± std over seeds."""
 
 import argparse
 import os
@@ -26,6 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 import c2r  # noqa: E402
 import train_toy  # noqa: E402
+
+
+OPT = {}
 
 
 def strategy(spec, n):
@@ -48,6 +53,32 @@ def strategy(spec, n):
             C[new, w[new]] = i[new] + lo
         return c2r.rerank(W, st["C"], unit_rows=True)
 
+    def ahead(W, t, P):       # the rolling search on P (rows moved on), re-ranked on W; without :only half the m on W
+        h = 0 if "only" in p else int(p[1]) // 2
+        if "P" not in st:
+            st["C"] = c2r.search_rows_(W, torch.full((n, h), -1), 0, n, unit_rows=True) if h else None
+            st["P"] = c2r.search_rows_(P, torch.full((n, int(p[1]) - h), -1), 0, n, unit_rows=True)
+        lo, hi = t % R * n // R, (t % R + 1) * n // R
+        c2r.search_rows_(P, st["P"], lo, hi, unit_rows=True)
+        if h:
+            c2r.search_rows_(W, st["C"], lo, hi, unit_rows=True)
+        return c2r.rerank(W, torch.cat([st["C"], st["P"]], 1) if h else st["P"], unit_rows=True)
+
+    def pred(W, t):           # pred:R:m:H:L[:only]: the rows moved on H steps at their pace over the last L steps
+        H, L = float(p[2]), float(p[3])         # L < 1: the pace from an EMA of W, weight 1 - L
+        if L >= 1:
+            hist = st.setdefault("hist", [])
+            hist.append(W.clone())
+            del hist[:-int(L) - 1]
+            v = (W - hist[0]) / max(1, len(hist) - 1)
+        else:
+            st["ema"] = W.clone() if "ema" not in st else st["ema"].lerp_(W, 1 - L)
+            v = (W - st["ema"]) * (1 - L) / L
+        return ahead(W, t, torch.nn.functional.normalize(W + H * v, dim=1))
+
+    def adam(W, t):           # adam:R:m:H[:only]: the rows moved on H steps of Adam's update (c2r.heading)
+        return ahead(W, t, c2r.heading(OPT["sae"].W_dec_FD, OPT["opt"], float(p[2])) if "opt" in OPT else W)
+
     def lag(W, t):            # the exact table of R steps before
         st.setdefault("T", []).append(c2r.nearest_neighbours(W))
         return st["T"][max(0, t - R)]
@@ -56,7 +87,7 @@ def strategy(spec, n):
         if t % R == 0 or "T" not in st:
             st["T"] = c2r.nearest_neighbours(W)
         return st["T"]
-    return dict(roll=roll, full=full, lag=lag)[name]
+    return dict(roll=roll, full=full, lag=lag, pred=pred, adam=adam)[name]
 
 
 def data_of(args, seed):
@@ -83,18 +114,25 @@ def run(args, seed):
     if args.data == "toy":     # exactly train_toy.py's SAE for this kind and seed
         targs = train_toy.parser().parse_args([])
         cfg = train_toy.config(args.kind, args.lam, seed, targs, train_toy.Toy(seed=seed))
-        cfg = c2r.Config(**{**cfg.__dict__, "nbr_every": args.nbr_every, "nbr_cands": args.m})
+        cfg = c2r.Config(**{**cfg.__dict__, "nbr_every": args.nbr_every, "nbr_cands": args.m,
+                                     "nbr_ahead": args.ahead, "log_every": 1})
     else:
         cfg = c2r.Config(d_model=d, n_latents=args.n_latents, kind=args.kind, k=args.k, c2r_lambda=args.lam,
-                         steps=args.steps, lr=args.lr, nbr_every=args.nbr_every, nbr_cands=args.m, seed=seed)
+                         steps=args.steps, lr=args.lr, nbr_every=args.nbr_every, nbr_cands=args.m, seed=seed,
+                         nbr_ahead=args.ahead, log_every=1)
     torch.manual_seed(seed)
     sae = c2r.SAE(cfg)
-    errs = {"train()": [], **{s: [] for s in args.also}}
+    OPT.clear()
+    errs = {"train()": [], "nbr_err": [], **{s: [] for s in args.also}}
     also = {s: strategy(s, cfg.n_latents) for s in args.also}
     batches, on_step = bench.penalty_error(sae, data, errs, range(cfg.steps), also=also)
 
+    OPT["sae"] = sae
+
     def progress(step, opt, log):
+        OPT["opt"] = opt      # for adam:..., at the next step
         on_step(step, opt, log)
+        errs["nbr_err"].append(log[-1]["nbr_err"])    # train()'s own check, on 512 of the rows
         if step % 100 == 0:
             print(f"seed {seed}, step {step}: error {100 * errs['train()'][-1]:.3f} %",
                   file=sys.stderr, flush=True)
@@ -116,12 +154,16 @@ def cost():
       re-rank  m > 1: 2 m D flops; the sampled matmul reads each latent's m candidate rows and its own
                in fp32, (4 m + 4) D bytes (a gather of W[cand] into [F, m, D] and a bmm: (12 m + 4) D)
       penalty  c2r_penalty and its backward on [F, D] fp32 rows (gather, product, sum, scatter-add):
-               ~6 D flops, ~72 D bytes. C²R itself, the same at any R (and in the old default)"""
+               ~6 D flops, ~72 D bytes. C²R itself, the same at any R (and in the old default)
+      heading  where the rows are heading (c2r.heading): Adam's two moments and W read, the moved rows
+               written (fp32), ~10 D flops, 16 D bytes; the search's bf16 copy is of these rows
+      check    train()'s nbr_err at log steps (every 50): 512 rows searched, 2 * 512 D / 50 flops"""
     P, BW, D, B = 790e12, 4.8e12, 768, 4096
     ns = lambda flops, byts: 1e9 * (flops / P + byts / BW)      # noqa: E731
     step = ns(6 * B * D, 110 * D + 10 * B)
     terms = {"our step": (6 * B * D, 110 * D + 10 * B), "search, 512 rows a step": (2 * 512 * D, 6 * D + 4 * 512),
-             **{f"re-rank, m = {m}": (2 * m * D, (4 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D)}
+             **{f"re-rank, m = {m}": (2 * m * D, (4 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D),
+             "heading": (10 * D, 16 * D), "check (nbr_err)": (2 * 512 * D // 50, 0)}
     print("| per latent and step | flops | bytes | ns at peak | % of our step |\n|---|---|---|---|---|")
     for name, (f, b) in terms.items():
         print(f"| {name} | {f:,} | {b:,} | {ns(f, b):.2f} | {100 * ns(f, b) / step:.1f} % |")
@@ -130,11 +172,12 @@ def cost():
     default = lambda F: F / -(-F // 512)      # noqa: E731   (rows searched a step)
     for name, c_of, m in (("exact every step (R = 1), m = 16", lambda F: F, 16),
                           ("old default: full search every 10 steps", lambda F: F / 20, 1),     # symmetric: F/2
-                          *((f"new default: R = ceil(F / 512), m = {m}", default, m) for m in (1, 4, 16))):
+                          *((f"rolling: R = ceil(F / 512), m = {m}", default, m) for m in (1, 4, 16)),
+                          ("default: rolling, m = 16, heading, check", default, -16)):
         cells = []
-        for F in WIDTHS:     # search + re-rank + penalty
-            f = 2 * c_of(F) * D + 2 * m * D * (m > 1) + 6 * D
-            b = 6 * D + 4 * c_of(F) + (4 * m + 4) * D * (m > 1) + 72 * D
+        for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)
+            f = 2 * c_of(F) * D + 2 * abs(m) * D * (abs(m) > 1) + 6 * D + (10 * D + 2 * 512 * D // 50) * (m < 0)
+            b = 6 * D + 4 * c_of(F) + (4 * abs(m) + 4) * D * (abs(m) > 1) + 72 * D + 16 * D * (m < 0)
             cells.append(f"{100 * f / (6 * B * D):.1f} / {100 * ns(f, b) / step:.0f} %")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
@@ -167,6 +210,7 @@ def main():
     ap.add_argument("--lam", type=float, default=None, help="C²R lambda; default train_toy.DEFAULT_LAM (toy), 5")
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="R of the run (0: Config's default)")
     ap.add_argument("--m", type=int, default=c2r.Config.nbr_cands, help="nbr_cands of the run")
+    ap.add_argument("--ahead", type=float, default=c2r.Config.nbr_ahead, help="nbr_ahead of the run")
     ap.add_argument("--also", nargs="*", default=[], help="searches run alongside: roll:R:m, full:R")
     ap.add_argument("--n-latents", type=int, default=4096, help="npy only (the toy: train_toy's)")
     ap.add_argument("--k", type=int, default=16, help="npy only")
@@ -204,7 +248,8 @@ def main():
         e = [r[1][s] for r in runs]    # e[i][t]: step t of seed i
         cells = [np.array([100 * x[lo:hi].mean() for x in e]) for lo, hi in phases + [(0, n)]]
         cells.append(np.array([100 * x.max() for x in e]))
-        name = f"train(): R = {cfg.nbr_period()}, m = {cfg.nbr_cands}" if s == "train()" else s
+        name = {"train()": f"train(): R = {cfg.nbr_period()}, m = {cfg.nbr_cands}",
+                "nbr_err": "train()'s log: nbr_err (512 rows)"}.get(s, s)
         print(f"| {name} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f}" for v in cells) + " |")
 
 

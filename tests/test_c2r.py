@@ -280,7 +280,8 @@ def test_bad_config():
                       (dict(warmup=0.6, decay=0.5), "warmup \\+ decay"), (dict(log_every=0), "log_every"),
                       (dict(thr_momentum=1.5), "thr_momentum"), (dict(aux_k=-1), "aux_k"),
                       (dict(clip_grad=-1.0), "clip_grad"), (dict(n_latents=1, k=1, c2r_lambda=0.1), "n_latents"),
-                      (dict(nbr_every=-1), "nbr_every"), (dict(nbr_cands=0), "nbr_cands")]:
+                      (dict(nbr_every=-1), "nbr_every"), (dict(nbr_cands=0), "nbr_cands"),
+                      (dict(nbr_ahead=-0.5), "nbr_ahead")]:
         with pytest.raises(ValueError, match=what):
             c2r.Config(**bad)
 

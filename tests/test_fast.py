@@ -152,14 +152,16 @@ def test_rolling_slices_cover_every_row_once_per_period(F_, R, monkeypatch):
         assert torch.equal(rows.sort().values, torch.arange(F_))
 
 
-@pytest.mark.parametrize("R,m", [(1, 4), (3, 23), (3, 2)])
-def test_table_in_train(R, m):
+@pytest.mark.parametrize("R,m,ahead", [(1, 4, 1.0), (3, 23, 1.0), (3, 2, 1.0), (3, 2, 0.0), (4, 3, 2.5)])
+def test_table_in_train(R, m, ahead):
     """Inside train(), step t uses each latent's m best candidates from the last search of its row
-    (its slice, on the decoder of that step), re-ranked on the decoder of step t. So R = 1 (every
-    row every step) is the exact argmax at every step, and so is m = F - 1, whatever R."""
+    (its slice, searched on the rows moved on H = (R - 1) * ahead steps of Adam's update of that
+    step), re-ranked on the decoder of step t. So R = 1 (every row every step, H = 0) is the exact
+    argmax at every step, and so is m = F - 1, whatever R. The log's nbr_err is the table's C²R
+    terms against the exact table's (all 24 rows: fewer than 512)."""
     cfg = c2r.Config(d_model=8, n_latents=24, kind="topk", k=2, c2r_lambda=1.0, nbr_every=R, nbr_cands=m,
-                     steps=9, lr=3e-2, log_every=1, warmup=0.0, decay=0.0)
-    sae, states, xs, used = c2r.SAE(cfg), [], [], []
+                     nbr_ahead=ahead, steps=9, lr=3e-2, log_every=1, warmup=0.0, decay=0.0)
+    sae, states, xs, used, adam = c2r.SAE(cfg), [], [], [], [None]
     g = torch.Generator().manual_seed(0)
 
     def batches():    # sees the SAE just before each step
@@ -168,15 +170,21 @@ def test_table_in_train(R, m):
             xs.append(torch.randn(16, 8, generator=g))
             yield xs[-1]
 
-    _, log = c2r.train(sae, batches(), progress=False, on_step=lambda t, opt, log: used.append(sae.nbr_F.clone()))
-    ref, stale, C = c2r.SAE(cfg).train(), 0, None
+    def on_step(t, opt, log):
+        used.append(sae.nbr_F.clone())
+        adam.append({k: v.clone() for k, v in opt.state[sae.W_dec_FD].items()})   # what step t + 1 sees
+
+    _, log = c2r.train(sae, batches(), progress=False, on_step=on_step)
+    ref, stale, C, H = c2r.SAE(cfg).train(), 0, None, (R - 1) * ahead
     for row in log:
         t = row["step"]
         ref.load_state_dict(states[t])
         if t == 0:   # train() sets b_dec from the first batch
             ref.b_dec_D.data.copy_(c2r.geometric_median(xs[0]))
-        W = ref.W_dec_FD.detach()
-        fresh, top = neighbours_reference(W), candidates_reference(W, m).sort(dim=1).values
+        W, st = ref.W_dec_FD.detach(), adam[t]
+        P = W if st is None else F.normalize(W - H * cfg.lr * (st["exp_avg"] / (1 - 0.9 ** st["step"])) / (
+            (st["exp_avg_sq"] / (1 - 0.999 ** st["step"])).sqrt() + 1e-8), dim=1)     # Adam's next step, H times
+        fresh, top = neighbours_reference(W), candidates_reference(P, m).sort(dim=1).values
         rows = torch.arange(24) if t == 0 else torch.arange(t % R * 24 // R, (t % R + 1) * 24 // R)
         C = top if C is None else C.index_copy(0, rows, top[rows])       # slice t % R renewed, the rest kept
         table = C.gather(1, (W @ W.T).gather(1, C).argmax(1, keepdim=True))[:, 0]
@@ -185,10 +193,48 @@ def test_table_in_train(R, m):
             assert torch.equal(used[t], fresh)
         stale += not torch.equal(used[t], fresh)
         acts = ref.activate(ref.pre_acts(xs[t]))
-        expect = c2r.c2r_penalty(torch.linalg.vector_norm(acts, dim=0), W, table, alpha=cfg.c2r_alpha)
+        a = torch.linalg.vector_norm(acts, dim=0)
+        expect = c2r.c2r_penalty(a, W, table, alpha=cfg.c2r_alpha)
         assert row["c2r"] == pytest.approx(expect.item(), rel=1e-5)
+        exact = c2r.c2r_penalty(a, W, fresh, alpha=cfg.c2r_alpha)
+        assert row["nbr_err"] == pytest.approx(abs(expect / exact - 1).item(), abs=1e-6)
     if m == 2:
         assert stale > 0   # at this lr a neighbour does leave the 2 kept candidates: the check bites
+        assert max(r["nbr_err"] for r in log) > 1e-3        # and nbr_err sees it
+
+
+def test_heading_is_adams_step_repeated():
+    """After one Adam step the update is g / (|g| + eps) per coordinate: heading(W, opt, H) is W
+    moved on by that step H more times (renormalised); H = 0, or no step yet, is W itself."""
+    W0 = F.normalize(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    W = torch.nn.Parameter(W0.clone())
+    opt = torch.optim.Adam([W], lr=1e-2)
+    assert torch.equal(c2r.heading(W, opt, 3.0), W.detach())             # no state yet
+    W.grad = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    assert torch.equal(c2r.heading(W, opt, 0.0), W.detach())
+    for H in (1.0, 4.0):
+        want = F.normalize(W.detach() + H * (W.detach() - W0), dim=1)
+        assert torch.allclose(c2r.heading(W, opt, H), want, atol=1e-6)
+
+
+def test_table_error_samples_rows_evenly():
+    """nbr_err checks 512 rows spread evenly over the dictionary (every F // 512-th, from step %
+    (F // 512)): 0 for the exact table, the naive sum over those rows for a wrong one."""
+    cfg = c2r.Config(d_model=6, n_latents=1030, kind="topk", k=2, c2r_lambda=1.0)
+    sae = c2r.SAE(cfg)
+    W = sae.W_dec_FD.detach()
+    a = torch.rand(1030, generator=torch.Generator().manual_seed(0))
+    sae.nbr_F.copy_(neighbours_reference(W))
+    assert c2r.table_error(sae, a, 5).item() == 0
+    cos = W @ W.T
+    cos.fill_diagonal_(-float("inf"))
+    second = cos.topk(2, dim=1).indices[:, 1]          # every latent given its runner-up
+    sae.nbr_F.copy_(second)
+    rows, exact = torch.arange(1, 1030, 2), neighbours_reference(W)     # step 5: rows 1, 3, 5, ...
+    term = lambda i, j: (a[i] + a[j]) * max(W[i] @ W[j], 0) ** 2      # noqa: E731
+    want = sum(term(i, second[i]) for i in rows) / sum(term(i, exact[i]) for i in rows) - 1
+    assert c2r.table_error(sae, a, 5).item() == pytest.approx(abs(want.item()), rel=1e-4)
 
 
 def test_bf16_search_then_fp32_rerank_is_exact():
