@@ -3,6 +3,7 @@ temp files left by a killed writer."""
 
 import errno
 import os
+import random
 import subprocess
 import sys
 
@@ -38,7 +39,9 @@ def test_damaged_and_foreign_files(tmp_path):
     _, good = saved(tmp_path)
     raw = good.read_bytes()
     cases = {"empty": (b"", "empty"), "half": (raw[:len(raw) // 2], "truncated or damaged"),
-             "random": (os.urandom(4000), "not a c2r checkpoint"), "text": (b"d_model: 64\n", "not a c2r checkpoint")}
+             # seeded: 1 in ~11 random files starts with pickle's PROTO byte (0x80) and reads as a damaged
+             # legacy torch file ("truncated or damaged"), which made this case fail now and then
+             "random": (random.Random(0).randbytes(4000), "not a c2r checkpoint"), "text": (b"d_model: 64\n", "not a c2r checkpoint")}
     for name, (data, why) in cases.items():
         (tmp_path / name).write_bytes(data)
         refused(tmp_path / name, why)
