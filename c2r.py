@@ -187,7 +187,7 @@ class Config:
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = ceil(F / 512): ~(512 + m) / (3 batch) of a step
+                                 # every step, the exact definition; 0 = ceil(F / 1024): ~(1024 + m) / (3 batch) of a step
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step [latents]
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
                                  # current update (they serve that long); 0 = where they are [periods]
@@ -235,7 +235,7 @@ class Config:
                 ("k", self.kind == "relu" or 1 <= self.k <= self.n_latents, f"in [1, n_latents={self.n_latents}]"),
                 ("c2r_lambda", self.c2r_lambda >= 0, ">= 0"), ("c2r_alpha", self.c2r_alpha > 0, "> 0"),
                 ("n_latents", self.c2r_lambda == 0 or self.n_latents >= 2, ">= 2 for C²R (c2r_lambda > 0)"),
-                ("l1_coeff", self.l1_coeff >= 0, ">= 0"), ("nbr_every", self.nbr_every >= 0, ">= 0 (0: F / 512)"),
+                ("l1_coeff", self.l1_coeff >= 0, ">= 0"), ("nbr_every", self.nbr_every >= 0, ">= 0 (0: F / 1024)"),
                 ("nbr_cands", self.nbr_cands >= 1, ">= 1"), ("nbr_ahead", self.nbr_ahead >= 0, ">= 0"),
                 ("aux_k", self.aux_k >= 0, ">= 0"),
                 ("aux_coeff", self.aux_coeff >= 0, ">= 0"), ("dead_tokens", self.dead_tokens >= 0, ">= 0"),
@@ -250,7 +250,7 @@ class Config:
                 raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
 
     def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width gets its own
-        return self.nbr_every or -(-self.n_latents // 512)
+        return self.nbr_every or -(-self.n_latents // 1024)
 
 
 class SAE(nn.Module):
@@ -452,8 +452,9 @@ def prefix_losses(sae, x_BD, vals_N, rows_N, cols_N, prefixes=None):
 def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_step=None):
     """Train `sae` on `batches` (any iterable of [batch, d_model] float tensors).
     Returns (sae, log): log holds a dict (step, loss, fvu, l0, c2r, nbr_err, dead) every
-    cfg.log_every steps and at the last; c2r and nbr_err (how far the neighbour table is from exact:
-    table_error) are None when c2r_lambda = 0. Step 0 sets b_dec to the geometric median of
+    cfg.log_every steps and at the last; c2r and nbr_err are None when c2r_lambda = 0. nbr_err: how
+    far the neighbour table is from exact (table_error), checked at the steps that are multiples of
+    log_every (the last row repeats the last check). Step 0 sets b_dec to the geometric median of
     the first batch, so to fine-tune a trained SAE pass start > 0. To resume an interrupted run:
     the step to start from, the optimizer's saved state_dict, and `batches` positioned at that
     step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint).
@@ -482,7 +483,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     # indexing, so the CPU queues the next step while the GPU runs this one; a NaN loss is checked at log steps.
     bad_loss = torch.zeros((), dtype=torch.bool, device=dev)
     bad_batch = torch.zeros((), dtype=torch.bool, device=dev)
-    checked, n_ranks = start, world()[1]
+    checked, n_ranks, nbr_err = start, world()[1], None
     sae.train()
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     for step in pbar:
@@ -543,9 +544,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         bad_loss |= ~torch.isfinite(loss)
         bad_batch |= ~torch.isfinite(x_BD).all()
-        log_step = step % cfg.log_every == 0 or step == cfg.steps - 1
-        if c2r is not None and log_step:
-            nbr_err = table_error(sae, a_F.detach().float(), step)
+        if c2r is not None and step % cfg.log_every == 0:    # on the log's cadence (not at a run's end too:
+            nbr_err = table_error(sae, a_F.detach().float(), step)   # a run of short train() calls would pay it each)
 
         # ---- the update: keep decoder rows on the unit sphere exactly
         opt.zero_grad(set_to_none=True)
@@ -570,7 +570,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 m = cfg.thr_momentum
                 ema = torch.where(sae.threshold > 0, m * sae.threshold + (1 - m) * lo, lo)
                 sae.threshold.copy_(torch.where(lo.isinf(), sae.threshold, ema))
-        if log_step:
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
             if bad_loss:    # the weights are NaN from here on: stop now, and say why
                 what = "an input batch contained NaN or inf" if bad_batch else \
                        "the SAE's weights or activations overflowed (try a lower lr or c2r_lambda)"
@@ -580,7 +580,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 on = (acts_BF if cfg.kind == "relu" else vals_N) > 0
                 log.append(dict(step=step, loss=loss.item(), fvu=fvu(x_BD, x_hat_BD).item(), l0=on.sum().item() / B,
                                 c2r=None if c2r is None else c2r.item(),
-                                nbr_err=None if c2r is None else nbr_err.item(),
+                                nbr_err=None if nbr_err is None else nbr_err.item(),
                                 dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum())))
             pbar.set_postfix({k: v for k, v in log[-1].items() if k != "step" and v is not None})
         if on_step is not None:

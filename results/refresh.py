@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
     python results/refresh.py --cost                                              # the cost model's tables
 
-Trains one SAE with c2r.train as configured (default: Config's own search, R = ceil(F / 512), m = 16)
+Trains one SAE with c2r.train as configured (default: Config's own search, R = ceil(F / 1024), m = 16)
 and before every step compares the C²R penalty of the table train() uses with the exact one (a
 fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
 --also runs other searches alongside on the same decoders, each keeping its own state as train()
@@ -162,6 +162,7 @@ def cost():
     ns = lambda flops, byts: 1e9 * (flops / P + byts / BW)      # noqa: E731
     step = ns(6 * B * D, 110 * D + 10 * B)
     terms = {"our step": (6 * B * D, 110 * D + 10 * B), "search, 512 rows a step": (2 * 512 * D, 6 * D + 4 * 512),
+             "search, 1,024 rows a step": (2 * 1024 * D, 6 * D + 4 * 1024),
              **{f"re-rank, m = {m}": (2 * m * D, (4 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D),
              "heading": (10 * D, 16 * D), "check (nbr_err)": (2 * 512 * D // 50, 0)}
     print("| per latent and step | flops | bytes | ns at peak | % of our step |\n|---|---|---|---|---|")
@@ -169,11 +170,12 @@ def cost():
         print(f"| {name} | {f:,} | {b:,} | {ns(f, b):.2f} | {100 * ns(f, b) / step:.1f} % |")
     print("\n| C²R's share of our step: flops only / flops and bytes | " + " | ".join(f"{F:,}" for F in WIDTHS) + " |")
     print("|---" * (len(WIDTHS) + 1) + "|")
-    default = lambda F: F / -(-F // 512)      # noqa: E731   (rows searched a step)
+    default = lambda F, c=1024: F / -(-F // c)      # noqa: E731   (rows searched a step)
     for name, c_of, m in (("exact every step (R = 1), m = 16", lambda F: F, 16),
                           ("old default: full search every 10 steps", lambda F: F / 20, 1),     # symmetric: F/2
-                          *((f"rolling: R = ceil(F / 512), m = {m}", default, m) for m in (1, 4, 16)),
-                          ("default: rolling, m = 16, heading, check", default, -16)):
+                          *((f"rolling: R = ceil(F / 512), m = {m}", lambda F: default(F, 512), m) for m in (1, 4, 16)),
+                          ("rolling, 512 rows, m = 16, heading, check", lambda F: default(F, 512), -16),
+                          ("default: 1,024 rows, m = 16, heading, check", default, -16)):
         cells = []
         for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)
             f = 2 * c_of(F) * D + 2 * abs(m) * D * (abs(m) > 1) + 6 * D + (10 * D + 2 * 512 * D // 50) * (m < 0)
