@@ -395,8 +395,8 @@ def heading(W_FD, opt, H):
 def table_error(sae, a_F, step, rows=512):
     """How far train()'s neighbour table sae.nbr_F is from exact, for the log: |sum of C²R's terms
     with it / with an exact search - 1| over `rows` latents evenly spread over the dictionary (so
-    over every age of the rolling search), on this decoder and these norms. Costs 1/R-th of a full
-    search; train() runs it at log steps only."""
+    over every age of the rolling search), on this decoder and these norms. Costs a search of
+    `rows` rows; train() runs it every log_every steps."""
     W, n = sae.W_dec_FD.detach(), sae.cfg.n_latents
     i_N = torch.arange(step % max(1, n // rows), n, max(1, n // rows), device=W.device)
     cos = W[i_N] @ W.T
