@@ -46,7 +46,7 @@ cat "$OUT/env.txt"
 
 part 150 "$OUT/bench.txt" python3 bench.py --out "$OUT/bench.json" "${BENCH[@]}"
 WIDE=(--n-latents 4096 262144 1048576 --steps 20 --warmup 5 --err-steps 3)
-if [ -n "${SMALL:-}" ]; then WIDE=(--n-latents 256 1024 --steps 2 --warmup 1 --err-steps 2); fi
+if [ -n "${SMALL:-}" ]; then WIDE=(--n-latents 256 2048 --steps 3 --warmup 1 --err-steps 2); fi   # 2,048: R = 2, the look-ahead runs
 part 90 "$OUT/bench_wide.txt" python3 bench.py --c2r-latents --rows "ours + C²R" "${BENCH[@]}" "${WIDE[@]}"
 part 30 "$RUN/profile.txt" python3 bench.py --c2r-latents --steps 10 --warmup 5 --profile "$RUN/profile" "${BENCH[@]}"
 mkdir -p "$RUN/profile" && mv "$RUN/profile.txt" "$RUN/profile/" && tar czf "$OUT/profile.tgz" -C "$RUN" profile
