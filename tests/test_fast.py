@@ -237,6 +237,32 @@ def test_table_error_samples_rows_evenly():
     assert c2r.table_error(sae, a, 5).item() == pytest.approx(abs(want.item()), rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", FAST_KINDS + ("relu",))
+def test_bf16_training_matches_fp32(kind):
+    """Config.bf16 runs the forward and loss under bf16 autocast, a fresh autocast each step (fp32
+    weights, gradients, Adam; the search in bf16, its re-ranking and the look-ahead in fp32). On a
+    small toy it must land where fp32 lands. (Wrapping the whole of train() in one autocast instead
+    keeps the bf16 weights of step 0: far off, so refused.) R = 4: the rolling search runs."""
+    import train_toy
+    toy = train_toy.Toy()
+    data = train_toy.ToyData(toy)
+    x_eval, _ = data.sample(4096, torch.Generator().manual_seed(1))
+
+    def fit(bf16):
+        cfg = c2r.Config(d_model=toy.d_model, n_latents=64, kind=kind, k=4, l1_coeff=0.3, c2r_lambda=0.1,
+                         nbr_every=4, steps=200, lr=3e-3, dead_tokens=256 * 20, seed=0, bf16=bf16)
+        sae, log = c2r.train(c2r.SAE(cfg), data.batches(256, 0), progress=False)
+        with torch.no_grad():
+            return c2r.fvu(x_eval, sae(x_eval)[0]).item(), log[-1]["nbr_err"]
+
+    (fp32, err32), (bf16, err16) = fit(False), fit(True)
+    assert 0 < fp32 < 0.5
+    assert bf16 == pytest.approx(fp32, rel=0.1, abs=2e-3)
+    assert err32 < 0.01 and err16 < 0.01     # the table stays near exact in both
+    with pytest.raises(ValueError, match="Config.bf16"), torch.autocast("cpu", dtype=torch.bfloat16):
+        fit(False)
+
+
 def test_bf16_search_then_fp32_rerank_is_exact():
     """Under bf16 autocast the search's cosines round a near-tie together (0.9995 and 0.9998 are
     both 1.0 in bf16); re-ranking the top m in fp32 still finds the exact neighbour."""
