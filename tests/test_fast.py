@@ -237,30 +237,54 @@ def test_table_error_samples_rows_evenly():
     assert c2r.table_error(sae, a, 5).item() == pytest.approx(abs(want.item()), rel=1e-4)
 
 
+def fit_toy(kind, **over):
+    """(FVU on held-out toy data, log) of an SAE trained 150-200 steps on a small toy (train_toy's)."""
+    import train_toy
+    toy = train_toy.Toy()
+    data = train_toy.ToyData(toy)
+    x_eval, _ = data.sample(4096, torch.Generator().manual_seed(1))
+    cfg = c2r.Config(**{**dict(d_model=toy.d_model, n_latents=64, kind=kind, k=4, c2r_lambda=0.1, steps=150,
+                               lr=3e-3, dead_tokens=256 * 20, seed=0), **over})
+    sae, log = c2r.train(c2r.SAE(cfg), data.batches(256, 0), progress=False)
+    with torch.no_grad():
+        return c2r.fvu(x_eval, sae(x_eval)[0]).item(), log
+
+
+@pytest.mark.parametrize("kind", FAST_KINDS)
+def test_toy_fvu_fast_equals_plain(kind, monkeypatch):
+    """Train on a small toy with the fast path, then with the plain dense path (the same loop,
+    with decode_sparse and code_norms swapped for dense decode and vector_norm): same FVU."""
+    fast, log_fast = fit_toy(kind)
+
+    def dense_decode(self, vals, rows, cols, B):
+        acts = torch.zeros(B, self.cfg.n_latents, dtype=vals.dtype).index_put((rows, cols), vals)
+        return self.decode(acts)
+
+    def dense_norms(vals, cols, n):
+        one_per_row = torch.zeros(len(vals), n, dtype=vals.dtype).index_put((torch.arange(len(vals)), cols), vals)
+        return torch.linalg.vector_norm(one_per_row, dim=0)
+
+    monkeypatch.setattr(c2r.SAE, "decode_sparse", dense_decode)
+    monkeypatch.setattr(c2r, "code_norms", dense_norms)
+    plain, log_plain = fit_toy(kind)
+    assert 0 < fast < 0.5                       # it learned something
+    assert fast == pytest.approx(plain, rel=0.02, abs=1e-3)
+    assert log_fast[-1]["c2r"] == pytest.approx(log_plain[-1]["c2r"], rel=0.02, abs=1e-5)
+
+
 @pytest.mark.parametrize("kind", FAST_KINDS + ("relu",))
 def test_bf16_training_matches_fp32(kind):
     """Config.bf16 runs the forward and loss under bf16 autocast, a fresh autocast each step (fp32
     weights, gradients, Adam; the search in bf16, its re-ranking and the look-ahead in fp32). On a
     small toy it must land where fp32 lands. (Wrapping the whole of train() in one autocast instead
     keeps the bf16 weights of step 0: far off, so refused.) R = 4: the rolling search runs."""
-    import train_toy
-    toy = train_toy.Toy()
-    data = train_toy.ToyData(toy)
-    x_eval, _ = data.sample(4096, torch.Generator().manual_seed(1))
-
-    def fit(bf16):
-        cfg = c2r.Config(d_model=toy.d_model, n_latents=64, kind=kind, k=4, l1_coeff=0.3, c2r_lambda=0.1,
-                         nbr_every=4, steps=200, lr=3e-3, dead_tokens=256 * 20, seed=0, bf16=bf16)
-        sae, log = c2r.train(c2r.SAE(cfg), data.batches(256, 0), progress=False)
-        with torch.no_grad():
-            return c2r.fvu(x_eval, sae(x_eval)[0]).item(), log[-1]["nbr_err"]
-
-    (fp32, err32), (bf16, err16) = fit(False), fit(True)
+    over = dict(l1_coeff=0.3, nbr_every=4, steps=200)
+    (fp32, log32), (bf16, log16) = fit_toy(kind, **over), fit_toy(kind, bf16=True, **over)
     assert 0 < fp32 < 0.5
     assert bf16 == pytest.approx(fp32, rel=0.1, abs=2e-3)
-    assert err32 < 0.01 and err16 < 0.01     # the table stays near exact in both
+    assert log32[-1]["nbr_err"] < 0.01 and log16[-1]["nbr_err"] < 0.01     # the table stays near exact in both
     with pytest.raises(ValueError, match="Config.bf16"), torch.autocast("cpu", dtype=torch.bfloat16):
-        fit(False)
+        fit_toy(kind, **over)
 
 
 def test_bf16_search_then_fp32_rerank_is_exact():
