@@ -383,26 +383,30 @@ def heading(W_FD, opt, H):
     exp_avg / sqrt(exp_avg_sq), at the group's lr): C²R's neighbours are mostly latents closing in
     on each other, so the rolling search looks there, not where the rows are (refresh.md). W_FD
     itself if H = 0 or before the first step."""
-    st, group = opt.state.get(W_FD), opt.param_groups[0]
+    st = opt.state.get(W_FD)
     if H == 0 or not st:
         return W_FD.detach()
+    group = next(g for g in opt.param_groups if any(p is W_FD for p in g["params"]))
     (b1, b2), k = group["betas"], st["step"]    # a tensor: no host read
-    u_FD = st["exp_avg"] / (1 - b1 ** k) / ((st["exp_avg_sq"] / (1 - b2 ** k)).sqrt() + group["eps"])
-    return F.normalize(W_FD.detach() - H * group["lr"] * u_FD, dim=1)
+    # W - H lr m_hat / (sqrt(v_hat) + eps), normalised, in one [F, D] buffer (a copy is GBs at 1M latents)
+    P_FD = (st["exp_avg_sq"] / (1 - b2 ** k)).sqrt_().add_(group["eps"])
+    P_FD.reciprocal_().mul_(st["exp_avg"]).mul_(-H * group["lr"] / (1 - b1 ** k)).add_(W_FD)
+    return P_FD.div_(torch.linalg.vector_norm(P_FD, dim=1, keepdim=True).clamp_min_(1e-12))
 
 
 @torch.no_grad()
-def table_error(sae, a_F, step, rows=512):
+def table_error(sae, a_F, k, rows=512):
     """How far train()'s neighbour table sae.nbr_F is from exact, for the log: |sum of C²R's terms
-    with it / with an exact search - 1| over `rows` latents evenly spread over the dictionary (so
-    over every age of the rolling search), on this decoder and these norms. Costs a search of
-    `rows` rows; train() runs it every log_every steps."""
+    with it / with an exact search - 1| (sums, as the penalty: rows' errors may cancel; inf if only
+    the table's sum is > 0) over `rows` latents evenly spread over the dictionary (every
+    (F // rows)-th from k % (F // rows): every age of the rolling search), on this decoder and these
+    norms. Costs a search of `rows` rows; train() runs it every log_every steps."""
     W, n = sae.W_dec_FD.detach(), sae.cfg.n_latents
-    i_N = torch.arange(step % max(1, n // rows), n, max(1, n // rows), device=W.device)
+    i_N = torch.arange(k % max(1, n // rows), n, max(1, n // rows), device=W.device)
     cos = W[i_N] @ W.T
     cos[torch.arange(len(i_N), device=W.device), i_N] = -float("inf")
     got, want = (c2r_terms(a_F, W, i_N, j, alpha=sae.cfg.c2r_alpha).sum() for j in (sae.nbr_F[i_N], cos.argmax(1)))
-    return torch.where(want > 0, (got / want - 1).abs(), 0.0)
+    return torch.where(want > 0, (got / want - 1).abs(), torch.where(got > 0, float("inf"), 0.0))
 
 
 def lr_at(step, cfg):
@@ -454,7 +458,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     Returns (sae, log): log holds a dict (step, loss, fvu, l0, c2r, nbr_err, dead) every
     cfg.log_every steps and at the last; c2r and nbr_err are None when c2r_lambda = 0. nbr_err: how
     far the neighbour table is from exact (table_error), checked at the steps that are multiples of
-    log_every (the last row repeats the last check). Step 0 sets b_dec to the geometric median of
+    log_every (the last row repeats the last check; None if this call had none). Step 0 sets b_dec to the geometric median of
     the first batch, so to fine-tune a trained SAE pass start > 0. To resume an interrupted run:
     the step to start from, the optimizer's saved state_dict, and `batches` positioned at that
     step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint).
@@ -544,8 +548,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r
         bad_loss |= ~torch.isfinite(loss)
         bad_batch |= ~torch.isfinite(x_BD).all()
-        if c2r is not None and step % cfg.log_every == 0:    # on the log's cadence (not at a run's end too:
-            nbr_err = table_error(sae, a_F.detach().float(), step)   # a run of short train() calls would pay it each)
+        if c2r is not None and step % cfg.log_every == 0:    # the log's cadence (not also each call's last step:
+            nbr_err = table_error(sae, a_F.detach().float(), step // cfg.log_every)     # bench.py calls per step)
 
         # ---- the update: keep decoder rows on the unit sphere exactly
         opt.zero_grad(set_to_none=True)

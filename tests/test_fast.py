@@ -204,18 +204,25 @@ def test_table_in_train(R, m, ahead):
 
 
 def test_heading_is_adams_step_repeated():
-    """After one Adam step the update is g / (|g| + eps) per coordinate: heading(W, opt, H) is W
-    moved on by that step H more times (renormalised); H = 0, or no step yet, is W itself."""
-    W0 = F.normalize(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), dim=1)
-    W = torch.nn.Parameter(W0.clone())
-    opt = torch.optim.Adam([W], lr=1e-2)
-    assert torch.equal(c2r.heading(W, opt, 3.0), W.detach())             # no state yet
-    W.grad = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
-    opt.step()
-    assert torch.equal(c2r.heading(W, opt, 0.0), W.detach())
-    for H in (1.0, 4.0):
-        want = F.normalize(W.detach() + H * (W.detach() - W0), dim=1)
-        assert torch.allclose(c2r.heading(W, opt, H), want, atol=1e-6)
+    """heading(W, opt, H) is W moved on by Adam's last step H more times, renormalised (Adam's last
+    step is lr times the update heading reads from its state): after 1 step, where the bias
+    corrections cancel, and after 40 with random gradients, for each of torch's Adam
+    implementations. H = 0, or no step yet, is W itself."""
+    for impl in (dict(), dict(foreach=True), dict(foreach=False), dict(fused=True)):
+        W0 = F.normalize(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+        W = torch.nn.Parameter(W0.clone())
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3)), W], lr=1e-2, **impl)    # W in any group
+        assert torch.equal(c2r.heading(W, opt, 3.0), W.detach())             # no state yet
+        g = torch.Generator().manual_seed(1)
+        for t in range(40):
+            W_prev = W.detach().clone()
+            W.grad = torch.randn(6, 5, generator=g) + 0.5                     # a drift, and noise
+            opt.step()
+            if t in (0, 39):
+                assert torch.equal(c2r.heading(W, opt, 0.0), W.detach())
+                for H in (1.0, 4.0):
+                    want = F.normalize(W.detach() + H * (W.detach() - W_prev), dim=1)
+                    assert torch.allclose(c2r.heading(W, opt, H), want, atol=1e-6), (impl, t, H)
 
 
 def test_table_error_samples_rows_evenly():
@@ -227,6 +234,7 @@ def test_table_error_samples_rows_evenly():
     a = torch.rand(1030, generator=torch.Generator().manual_seed(0))
     sae.nbr_F.copy_(neighbours_reference(W))
     assert c2r.table_error(sae, a, 5).item() == 0
+    assert c2r.table_error(sae, torch.zeros(1030), 5).item() == 0        # no active latents: nothing to miss
     cos = W @ W.T
     cos.fill_diagonal_(-float("inf"))
     second = cos.topk(2, dim=1).indices[:, 1]          # every latent given its runner-up
