@@ -187,7 +187,7 @@ class Config:
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = ceil(F / 1024): ~(1024 + m) / (3 batch) of a step
+                                 # every step, the exact definition; 0 = ceil(F / 1024): (1024 + m)/(3 batch) of a step
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step [latents]
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
                                  # current update (they serve that long); 0 = where they are [periods]
@@ -458,10 +458,11 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     Returns (sae, log): log holds a dict (step, loss, fvu, l0, c2r, nbr_err, dead) every
     cfg.log_every steps and at the last; c2r and nbr_err are None when c2r_lambda = 0. nbr_err: how
     far the neighbour table is from exact (table_error), checked at the steps that are multiples of
-    log_every (the last row repeats the last check; None if this call had none). Step 0 sets b_dec to the geometric median of
-    the first batch, so to fine-tune a trained SAE pass start > 0. To resume an interrupted run:
-    the step to start from, the optimizer's saved state_dict, and `batches` positioned at that
-    step. on_step(step, opt, log), if given, runs after every step (e.g. to write a checkpoint).
+    log_every (the last row repeats the last check; None if this call had none). Step 0 sets b_dec
+    to the geometric median of the first batch, so to fine-tune a trained SAE pass start > 0. To
+    resume an interrupted run: the step to start from, the optimizer's saved state_dict, and
+    `batches` positioned at that step. on_step(step, opt, log), if given, runs after every step
+    (e.g. to write a checkpoint).
     Under torchrun (a torch.distributed process group) give each rank its share of every batch, the
     same size on each: the step is then the one-process step on their union, and the SAEs stay equal
     (the log's loss, fvu and l0 are this rank's share's; its c2r and dead the global batch's)."""
