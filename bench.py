@@ -286,12 +286,70 @@ def c2r_row(a, n_latents):
     return res
 
 
+def parts_row(a, n_latents):
+    """What a step of train()'s rolling search costs, piece by piece, on a fresh SAE whose Adam has
+    stepped twice (random gradients: the costs do not depend on the values): the look-ahead
+    (c2r.heading over all F rows), the search of one slice of F/R rows (bf16 under --amp bf16),
+    the re-ranking of all F*m candidates, the penalty (code_norms of k*B codes + c2r_penalty, forward
+    and backward), and train()'s check (table_error, once every log_every steps). Median of reps."""
+    dev, D, B = torch.device(a.device), a.d_model, a.batch
+    cfg = step_config(a, n_latents, True, 10)
+    R, m = cfg.nbr_period(), min(a.nbr_cands, n_latents - 1)
+    sae = c2r.SAE(cfg).to(dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for _ in range(2):
+        for p in sae.parameters():
+            p.grad = 1e-3 * torch.randn(p.shape, device=dev, generator=g)
+        opt.step()
+    sae.renorm_()
+    W = sae.W_dec_FD
+    C = torch.randint(n_latents, (n_latents, m), device=dev, generator=g).sort(dim=1).values
+    cols = torch.randint(n_latents, (B * a.k,), device=dev, generator=g)
+    vals = (torch.rand(B * a.k, device=dev, generator=g) + 0.1).requires_grad_()
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp == "bf16")
+    hi = -(-n_latents // R)
+
+    def clock(fn, reps=10):
+        fn()
+        out = []
+        for _ in range(reps):
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            out.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(out)
+
+    def search():
+        with amp:
+            c2r.search_rows_(P, C, 0, hi, unit_rows=True)
+
+    def penalty():
+        vals.grad = W.grad = None
+        with amp:
+            a_F = c2r.code_norms(vals, cols, n_latents)
+            p = c2r.c2r_penalty(a_F, W, sae.nbr_F, unit_rows=True)
+        p.backward()
+
+    rss0 = start_memory(dev)
+    res = dict(row="parts", n_latents=n_latents, R=R, m=m, rows=hi)
+    res["heading_ms"] = clock(lambda: c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead))
+    P = c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead)
+    res["search_ms"] = clock(search)
+    res["rerank_ms"] = clock(lambda: sae.nbr_F.copy_(c2r.rerank(W, C, unit_rows=True)))
+    res["penalty_ms"] = clock(penalty)
+    res["check_ms"] = clock(lambda: c2r.table_error(sae, vals.detach().new_ones(n_latents), 0))
+    res["mem_mib"] = peak_memory(dev, rss0)
+    return res
+
+
 def child(a, spec):
     torch.manual_seed(0)
     if a.threads:
         torch.set_num_threads(a.threads)
     row, n = spec["row"], spec["n_latents"]
-    res = c2r_row(a, n) if row == "c2r_loss" else pair_row(a, n) if row == "ours + C²R" and not a.profile else \
+    res = c2r_row(a, n) if row == "c2r_loss" else parts_row(a, n) if row == "parts" else pair_row(a, n) if row == "ours + C²R" and not a.profile else \
         step_row(a, row, n)
     print("RESULT " + json.dumps(res))
 
@@ -342,6 +400,8 @@ def parse(argv):
     ap.add_argument("--c2r-latents", type=int, nargs="*", default=None,
                     help="c2r_loss alone at these widths; default 24576 65536 131072 (GPU), 4096 16384 (CPU)")
     ap.add_argument("--c2r-reps", type=int, default=None, help="timed repeats of c2r_loss; default 5 (GPU), 1 (CPU)")
+    ap.add_argument("--parts-latents", type=int, nargs="*", default=[],
+                    help="the rolling search's per-step pieces (heading, slice search, rerank, penalty) at these widths")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -358,8 +418,9 @@ def parse(argv):
     for name in ("warmup", "nbr_every", "err_steps"):
         if getattr(a, name) is not None and getattr(a, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    if min(a.n_latents or [2]) < 2 or min(a.c2r_latents or [2]) < 2:    # C²R needs a neighbour
-        ap.error(f"--n-latents and --c2r-latents must be >= 2, got {a.n_latents} and {a.c2r_latents}")
+    if min(a.n_latents or [2]) < 2 or min(a.c2r_latents or [2]) < 2 or min(a.parts_latents or [2]) < 2:
+        ap.error(f"--n-latents, --c2r-latents and --parts-latents must be >= 2, got {a.n_latents}, "
+                 f"{a.c2r_latents} and {a.parts_latents}")    # C²R needs a neighbour
     a.d_model = a.d_model or (768 if gpu else 256)
     a.n_latents = ([24576, 65536] if gpu else [4096, 16384]) if a.n_latents is None else a.n_latents
     a.batch = a.batch or (4096 if gpu else 512)
@@ -423,6 +484,21 @@ def main(argv=None):
                 continue
             print(f"{n:>10,} {r['ms']:12.1f} {r['search_ms']:10.1f} {fmt(r.get('search_bf16_ms'), '15.1f'):>15} "
                   f"{r['penalty_ms']:11.2f} {r['mem_mib']:30.0f}", flush=True)
+    if a.parts_latents:
+        print(f"\nthe rolling search's pieces, ms a step (median of 10): the look-ahead (all F rows), the search of "
+              f"one slice, the re-ranking of the F*m candidates, the penalty (forward and backward); the check "
+              f"(table_error, 512 rows) runs once every log_every steps; autocast {a.amp}")
+        print(f"{'latents':>10} {'R':>5} {'m':>3} {'heading':>8} {'search':>8} {'rerank':>8} {'penalty':>8} "
+              f"{'sum':>8} {'check':>8} {mem:>30}")
+        for n in a.parts_latents:
+            r = run_child(argv, dict(row="parts", n_latents=n))
+            results.append(r)
+            if "error" in r:
+                print(f"{n:>10,}  failed: {r['error']}")
+                continue
+            tot = sum(r[k] for k in ("heading_ms", "search_ms", "rerank_ms", "penalty_ms"))
+            print(f"{n:>10,} {r['R']:5} {r['m']:3} {r['heading_ms']:8.2f} {r['search_ms']:8.2f} {r['rerank_ms']:8.2f} "
+                  f"{r['penalty_ms']:8.2f} {tot:8.2f} {r['check_ms']:8.2f} {r['mem_mib']:30.0f}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(argv=argv, device=dev_name, torch=torch.__version__, args=vars(a), results=results), f,
