@@ -57,15 +57,15 @@ if [ -n "${SMALL:-}" ]; then     # 2,048: R = 2, the look-ahead runs
     WIDE=(--n-latents 256 2048 --steps 3 --warmup 1 --err-steps 2) HUGE=(--n-latents 4096 --steps 2 --warmup 1 --err-steps 0)
     PIECES=(--parts-latents 256 2048) EXACT=(--parts-latents 256)
 fi
-if on wide; then
-    part 60 "$OUT/bench_wide.txt" python3 bench.py "${BENCH[@]}" --c2r-latents --rows "ours + C²R" "${WIDE[@]}"
-    part 120 "$RUN/huge.txt" python3 bench.py "${BENCH[@]}" --c2r-latents --rows "ours + C²R" "${HUGE[@]}"
-    cat "$RUN/huge.txt" >> "$OUT/bench_wide.txt"
-fi
 if on pieces; then
     part 60 "$OUT/pieces.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents "${PIECES[@]}"
     part 40 "$RUN/exact.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents --nbr-every 1 "${EXACT[@]}"
     cat "$RUN/exact.txt" >> "$OUT/pieces.txt"
+fi
+if on wide; then
+    part 60 "$OUT/bench_wide.txt" python3 bench.py "${BENCH[@]}" --c2r-latents --rows "ours + C²R" "${WIDE[@]}"
+    part 120 "$RUN/huge.txt" python3 bench.py "${BENCH[@]}" --c2r-latents --rows "ours + C²R" "${HUGE[@]}"
+    cat "$RUN/huge.txt" >> "$OUT/bench_wide.txt"
 fi
 if on profile; then
     part 30 "$RUN/profile.txt" python3 bench.py "${BENCH[@]}" --c2r-latents --steps 10 --warmup 5 --profile "$RUN/profile"
