@@ -162,7 +162,8 @@ def code_norms(vals_N, cols_N, n_latents):
     on = sq_F > 0
     return torch.where(on, torch.where(on, sq_F, 1.0).sqrt(), 0.0)
 # --- end C²R ---
-warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")    # rerank's sampled matmul works
+# rerank's sampled matmul works; torch 2.11 also warns of the invariant checks it skips on purpose
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta|Sparse invariant checks are implicitly")
 
 
 # -----------------------------------------------------------------------------

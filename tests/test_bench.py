@@ -20,15 +20,20 @@ def test_bench_runs_tiny(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--threads", "1", "--d-model", "16",
                         "--n-latents", "64", "--batch", "32", "--k", "4", "--steps", "2", "--warmup", "1",
-                        "--nbr-every", "2", "--err-steps", "3", "--c2r-latents", "64", "--out", str(out),
+                        "--nbr-every", "2", "--err-steps", "3", "--c2r-latents", "64", "--parts-latents", "64",
+                        "--out", str(out),
                         "--rows", "ours + C²R", "dense + chunked C²R"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())["results"]
-    assert [r["row"] for r in res] == ["ours + C²R", "dense + chunked C²R", "c2r_loss"]
-    for r in res:
+    assert [r["row"] for r in res] == ["ours + C²R", "dense + chunked C²R", "c2r_loss", "parts"]
+    for r in res[:3]:
         assert "error" not in r, r
         assert r["ms"] > 0 and r.get("steps", 2) == 2
+    parts = res[3]    # the rolling search's pieces at R = 2: the look-ahead runs, half the rows searched
+    assert "error" not in parts, parts
+    assert (parts["R"], parts["m"], parts["rows"]) == (2, 16, 32)
+    assert all(parts[k] > 0 for k in ("heading_ms", "search_ms", "rerank_ms", "penalty_ms", "check_ms"))
     pair = res[0]     # timed against its twin without C²R, then its penalty error over --err-steps steps
     assert pair["ratio"] > 0 and pair["R"] == 2 and pair["err_steps"] == [3, 5]
     assert 0 <= pair["err_mean"] <= pair["err_max"] < 0.5
@@ -45,7 +50,8 @@ def test_chunked_c2r_with_one_chunk_is_c2r():
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch", "0"], ["--k", "0"], ["--nbr-every", "-1"],
                                   ["--nbr-cands", "0"], ["--block", "0"], ["--err-steps", "-1"],
                                   ["--d-model", "0"], ["--c2r-reps", "0"], ["--warmup", "-1"],
-                                  ["--n-latents", "1"], ["--c2r-latents", "64", "0"]])
+                                  ["--n-latents", "1"], ["--c2r-latents", "64", "0"],
+                                  ["--parts-latents", "1"]])
 def test_bad_flags_stop_at_once(argv, capsys):
     """An explicit 0 used to be taken for 'not given' (`a.steps or 10`) and quietly replaced."""
     with pytest.raises(SystemExit) as e:
