@@ -287,9 +287,11 @@ def test_bad_config():
 
 
 def test_default_search_period_grows_with_the_width():
-    """nbr_every = 0 searches 1,024 rows a step (R = 1, the exact search, up to 1,024 latents); it is
-    resolved from the width each time, so a copy of the Config at another width gets its own."""
-    assert [c2r.Config(n_latents=n, k=1).nbr_period() for n in (80, 1024, 1025, 8192, 2 ** 20)] == [1, 1, 2, 8, 1024]
+    """nbr_every = 0 searches 1,024 rows a step (R = 1, the exact search, up to 1,024 latents) and R
+    stops at 8 (F/8 rows a step beyond 8,192 latents); it is resolved from the width each time, so a
+    copy of the Config at another width gets its own."""
+    assert [c2r.Config(n_latents=n, k=1).nbr_period() for n in (80, 1024, 1025, 8192, 8193, 2 ** 20)] == \
+        [1, 1, 2, 8, 8, 8]
     assert dataclasses.replace(c2r.Config(n_latents=80, k=1), n_latents=8192).nbr_period() == 8
     assert c2r.Config(n_latents=4096, nbr_every=1).nbr_period() == 1
 

@@ -5,6 +5,8 @@ decode(activate(pre)), code_norms instead of vector_norm of the dense codes, Aux
 embedding_bag, and the rolling neighbour search with re-ranked candidates. (relu trains on the
 dense path, which is its own reference.) Speed is measured in bench.py, never asserted here."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,7 @@ def test_rolling_slices_cover_every_row_once_per_period(F_, R, monkeypatch):
         assert torch.equal(rows.sort().values, torch.arange(F_))
 
 
+@pytest.mark.filterwarnings("ignore:.*neighbour table is")     # m = 2, 3 are meant to go stale
 @pytest.mark.parametrize("R,m,ahead", [(1, 4, 1.0), (3, 23, 1.0), (3, 2, 1.0), (3, 2, 0.0), (4, 3, 2.5)])
 def test_table_in_train(R, m, ahead):
     """Inside train(), step t uses each latent's m best candidates from the last search of its row
@@ -207,7 +210,7 @@ def test_heading_is_adams_step_repeated():
     """heading(W, opt, H) is W moved on by Adam's last step H more times, renormalised (Adam's last
     step is lr times the update heading reads from its state): after 1 step, where the bias
     corrections cancel, and after 40 with random gradients, for each of torch's Adam
-    implementations. H = 0, or no step yet, is W itself."""
+    implementations. H = 0, or no step yet, is W itself; a step count k given is the state's."""
     for impl in (dict(), dict(foreach=True), dict(foreach=False), dict(fused=True)):
         W0 = F.normalize(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), dim=1)
         W = torch.nn.Parameter(W0.clone())
@@ -223,6 +226,8 @@ def test_heading_is_adams_step_repeated():
                 for H in (1.0, 4.0):
                     want = F.normalize(W.detach() + H * (W.detach() - W_prev), dim=1)
                     assert torch.allclose(c2r.heading(W, opt, H), want, atol=1e-6), (impl, t, H)
+                    # train() passes the step count it keeps: the same numbers as the state's own
+                    assert torch.equal(c2r.heading(W, opt, H, k=t + 1), c2r.heading(W, opt, H))
 
 
 def test_table_error_samples_rows_evenly():
@@ -308,3 +313,21 @@ def test_bf16_search_then_fp32_rerank_is_exact():
         got = c2r.rerank(W, c2r.search_rows_(W, torch.full((12, 4), -1), 0, 12))
     assert cos.dtype == torch.bfloat16 and cos[0, 1] == cos[0, 2]   # bf16 cannot tell them apart
     assert want[0] == 1 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("R", [1, 32])
+def test_train_warns_when_the_table_is_far_off(R):
+    """A table that gives a penalty more than 5 % off the exact one is a different loss: train()
+    says so once, naming nbr_every. Here 32 steps a period and one candidate at a high lr go far
+    off by step 10; R = 1 is exact and never warns."""
+    cfg = c2r.Config(d_model=8, n_latents=64, kind="topk", k=4, c2r_lambda=1.0, nbr_every=R, nbr_cands=1,
+                     nbr_ahead=0.0, steps=30, lr=3e-2, log_every=10)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _, log = c2r.train(c2r.SAE(cfg), (torch.randn(64, 8, generator=g) for _ in range(30)), progress=False)
+    far = [str(x.message) for x in w if "neighbour table" in str(x.message)]
+    if R == 1:
+        assert far == [] and max(r["nbr_err"] for r in log) == 0
+    else:
+        assert len(far) == 1 and "nbr_every" in far[0] and max(r["nbr_err"] for r in log) > 0.05
