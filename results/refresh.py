@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
     python results/refresh.py --cost                                              # the cost model's tables
 
-Trains one SAE with c2r.train as configured (default: Config's own search, R = ceil(F / 1024), m = 16)
+Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 1024), 8), m = 16)
 and before every step compares the C²R penalty of the table train() uses with the exact one (a
 fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
 --also runs other searches alongside on the same decoders, each keeping its own state as train()
@@ -175,7 +175,9 @@ def cost():
                           ("old default: full search every 10 steps", lambda F: F / 20, 1),     # symmetric: F/2
                           *((f"rolling: R = ceil(F / 512), m = {m}", lambda F: default(F, 512), m) for m in (1, 4, 16)),
                           ("rolling, 512 rows, m = 16, heading, check", lambda F: default(F, 512), -16),
-                          ("default: 1,024 rows, m = 16, heading, check", default, -16)):
+                          ("second pass: 1,024 rows, m = 16, heading, check", default, -16),
+                          ("default: 1,024 rows, F/8 past 8,192 latents, m = 16, heading, check",
+                           lambda F: F / min(-(-F // 1024), 8), -16)):
         cells = []
         for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)
             f = 2 * c_of(F) * D + 2 * abs(m) * D * (abs(m) > 1) + 6 * D + (10 * D + 2 * 512 * D // 50) * (m < 0)
