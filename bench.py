@@ -132,6 +132,20 @@ def penalty_error(sae, batches, errs, steps, start=0, also=None):
     return wrapped(), on_step
 
 
+def clock(dev, fn, reps, warmup=False):
+    """Median wall time of fn() over reps calls [ms], each waited for; one untimed call first if warmup."""
+    if warmup:
+        fn()
+    out = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        out.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(out)
+
+
 def maxrss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
 
@@ -247,26 +261,14 @@ def c2r_row(a, n_latents):
     W = torch.randn(n_latents, a.d_model, device=dev, generator=g).requires_grad_()
     rss0 = start_memory(dev)
 
-    def clock(fn, reps):
-        out = []
-        for _ in range(reps):
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            out.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(out)
-
     def loss():
         acts.grad = W.grad = None
         c2r.c2r_loss(acts, W).backward()
 
     reps = a.c2r_reps
-    if reps > 1:
-        loss()                                         # warmup
-    res = dict(row="c2r_loss", n_latents=n_latents, ms=clock(loss, reps))
+    res = dict(row="c2r_loss", n_latents=n_latents, ms=clock(dev, loss, reps, warmup=reps > 1))
     res["mem_mib"] = peak_memory(dev, rss0)
-    res["search_ms"] = clock(lambda: c2r.nearest_neighbours(W), reps)
+    res["search_ms"] = clock(dev, lambda: c2r.nearest_neighbours(W), reps)
     # what train() pays on the steps between two searches: the penalty from the k*B values, on
     # unit-norm decoder rows as they are (unit_rows=True, as train() calls it)
     nbr_F, (rows, cols) = c2r.nearest_neighbours(W), acts.detach().nonzero(as_tuple=True)
@@ -277,12 +279,10 @@ def c2r_row(a, n_latents):
         vals.grad = W_unit.grad = None
         c2r.c2r_penalty(c2r.code_norms(vals, cols, n_latents), W_unit, nbr_F, alpha=1.0, unit_rows=True).backward()
 
-    if reps > 1:
-        penalty()
-    res["penalty_ms"] = clock(penalty, max(reps, 5))
+    res["penalty_ms"] = clock(dev, penalty, max(reps, 5), warmup=reps > 1)
     if dev.type == "cuda":                             # the search in bf16: not exact near ties
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            res["search_bf16_ms"] = clock(lambda: c2r.nearest_neighbours(W), reps)
+            res["search_bf16_ms"] = clock(dev, lambda: c2r.nearest_neighbours(W), reps)
     return res
 
 
@@ -290,9 +290,9 @@ def parts_row(a, n_latents):
     """What a step of train()'s rolling search costs, piece by piece, on a fresh SAE whose Adam has
     stepped twice (random gradients: the costs do not depend on the values): the look-ahead
     (c2r.heading over all F rows), the search of one slice of F/R rows (bf16 under --amp bf16),
-    the re-ranking of all F*m candidates, the penalty (code_norms of k*B codes + c2r_penalty, forward
+    the re-ranking of all F*m candidates, the penalty (code_norms of k*B codes + C²R's terms, forward
     and backward), and train()'s check (table_error, once every log_every steps). Median of reps."""
-    dev, D, B = torch.device(a.device), a.d_model, a.batch
+    dev, B = torch.device(a.device), a.batch
     cfg = step_config(a, n_latents, True, 10)
     R, m = cfg.nbr_period(), min(a.nbr_cands, n_latents - 1)
     sae = c2r.SAE(cfg).to(dev)
@@ -305,41 +305,34 @@ def parts_row(a, n_latents):
     sae.renorm_()
     W = sae.W_dec_FD
     C = torch.randint(n_latents, (n_latents, m), device=dev, generator=g).sort(dim=1).values
+    sae.nbr_F.copy_(C[:, 0])
     cols = torch.randint(n_latents, (B * a.k,), device=dev, generator=g)
     vals = (torch.rand(B * a.k, device=dev, generator=g) + 0.1).requires_grad_()
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp == "bf16")
     hi = -(-n_latents // R)
 
-    def clock(fn, reps=10):
-        fn()
-        out = []
-        for _ in range(reps):
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            out.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(out)
-
     def search():
         with amp:
             c2r.search_rows_(P, C, 0, hi, unit_rows=True)
 
-    def penalty():
+    def penalty():     # as train() computes it: the terms on the unit rows, no index check
         vals.grad = W.grad = None
         with amp:
             a_F = c2r.code_norms(vals, cols, n_latents)
-            p = c2r.c2r_penalty(a_F, W, sae.nbr_F, unit_rows=True)
+            p = c2r.c2r_terms(a_F, W, slice(None), sae.nbr_F).mean()
         p.backward()
+
+    def heading():     # Adam's step count given, as train() gives it
+        return c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead, 2)
 
     rss0 = start_memory(dev)
     res = dict(row="parts", n_latents=n_latents, R=R, m=m, rows=hi)
-    res["heading_ms"] = clock(lambda: c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead))
-    P = c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead)
-    res["search_ms"] = clock(search)
-    res["rerank_ms"] = clock(lambda: sae.nbr_F.copy_(c2r.rerank(W, C, unit_rows=True)))
-    res["penalty_ms"] = clock(penalty)
-    res["check_ms"] = clock(lambda: c2r.table_error(sae, vals.detach().new_ones(n_latents), 0))
+    res["heading_ms"] = clock(dev, heading, 10, warmup=True)
+    P = heading()
+    res["search_ms"] = clock(dev, search, 10, warmup=True)
+    res["rerank_ms"] = clock(dev, lambda: sae.nbr_F.copy_(c2r.rerank(W, C, unit_rows=True)), 10, warmup=True)
+    res["penalty_ms"] = clock(dev, penalty, 10, warmup=True)
+    res["check_ms"] = clock(dev, lambda: c2r.table_error(sae, vals.detach().new_ones(n_latents), 0), 10, warmup=True)
     res["mem_mib"] = peak_memory(dev, rss0)
     return res
 
@@ -349,8 +342,10 @@ def child(a, spec):
     if a.threads:
         torch.set_num_threads(a.threads)
     row, n = spec["row"], spec["n_latents"]
-    res = c2r_row(a, n) if row == "c2r_loss" else parts_row(a, n) if row == "parts" else pair_row(a, n) if row == "ours + C²R" and not a.profile else \
-        step_row(a, row, n)
+    if row in ("c2r_loss", "parts"):
+        res = c2r_row(a, n) if row == "c2r_loss" else parts_row(a, n)
+    else:
+        res = pair_row(a, n) if row == "ours + C²R" and not a.profile else step_row(a, row, n)
     print("RESULT " + json.dumps(res))
 
 
@@ -362,6 +357,14 @@ def run_child(argv, spec):
             return json.loads(line[7:])
     err = (p.stderr.strip().splitlines() or ["no output"])[-1]
     return dict(spec, error=err[:200])
+
+
+def widths(argv, row, ns, results, line):
+    """Runs `row` at each width in ns, each in a fresh process; prints line(result), or why it failed."""
+    for n in ns:
+        r = run_child(argv, dict(row=row, n_latents=n))
+        results.append(r)
+        print(f"{n:>10,}  failed: {r['error']}" if "error" in r else line(r), flush=True)
 
 
 def error_note(r):
@@ -401,7 +404,7 @@ def parse(argv):
                     help="c2r_loss alone at these widths; default 24576 65536 131072 (GPU), 4096 16384 (CPU)")
     ap.add_argument("--c2r-reps", type=int, default=None, help="timed repeats of c2r_loss; default 5 (GPU), 1 (CPU)")
     ap.add_argument("--parts-latents", type=int, nargs="*", default=[],
-                    help="the rolling search's per-step pieces (heading, slice search, rerank, penalty) at these widths")
+                    help="the rolling search's per-step pieces (heading, search, rerank, penalty) at these widths")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -476,29 +479,20 @@ def main(argv=None):
               f"(median of {a.c2r_reps}); the search alone; the penalty alone, as train() computes it "
               f"between searches (code_norms of the k*B values + c2r_penalty, forward and backward)")
         print(f"{'latents':>10} {'c2r_loss ms':>12} {'search ms':>10} {'search bf16 ms':>15} {'penalty ms':>11} {mem:>30}")
-        for n in a.c2r_latents:
-            r = run_child(argv, dict(row="c2r_loss", n_latents=n))
-            results.append(r)
-            if "error" in r:
-                print(f"{n:>10,}  failed: {r['error']}")
-                continue
-            print(f"{n:>10,} {r['ms']:12.1f} {r['search_ms']:10.1f} {fmt(r.get('search_bf16_ms'), '15.1f'):>15} "
-                  f"{r['penalty_ms']:11.2f} {r['mem_mib']:30.0f}", flush=True)
+        widths(argv, "c2r_loss", a.c2r_latents, results, lambda r: (
+            f"{r['n_latents']:>10,} {r['ms']:12.1f} {r['search_ms']:10.1f} "
+            f"{fmt(r.get('search_bf16_ms'), '15.1f'):>15} {r['penalty_ms']:11.2f} {r['mem_mib']:30.0f}"))
     if a.parts_latents:
         print(f"\nthe rolling search's pieces, ms a step (median of 10): the look-ahead (all F rows), the search of "
               f"one slice, the re-ranking of the F*m candidates, the penalty (forward and backward); the check "
               f"(table_error, 512 rows) runs once every log_every steps; autocast {a.amp}")
         print(f"{'latents':>10} {'R':>5} {'m':>3} {'heading':>8} {'search':>8} {'rerank':>8} {'penalty':>8} "
               f"{'sum':>8} {'check':>8} {mem:>30}")
-        for n in a.parts_latents:
-            r = run_child(argv, dict(row="parts", n_latents=n))
-            results.append(r)
-            if "error" in r:
-                print(f"{n:>10,}  failed: {r['error']}")
-                continue
-            tot = sum(r[k] for k in ("heading_ms", "search_ms", "rerank_ms", "penalty_ms"))
-            print(f"{n:>10,} {r['R']:5} {r['m']:3} {r['heading_ms']:8.2f} {r['search_ms']:8.2f} {r['rerank_ms']:8.2f} "
-                  f"{r['penalty_ms']:8.2f} {tot:8.2f} {r['check_ms']:8.2f} {r['mem_mib']:30.0f}", flush=True)
+        widths(argv, "parts", a.parts_latents, results, lambda r: (
+            f"{r['n_latents']:>10,} {r['R']:5} {r['m']:3} {r['heading_ms']:8.2f} {r['search_ms']:8.2f} "
+            f"{r['rerank_ms']:8.2f} {r['penalty_ms']:8.2f} "
+            f"{sum(r[k] for k in ('heading_ms', 'search_ms', 'rerank_ms', 'penalty_ms')):8.2f} "
+            f"{r['check_ms']:8.2f} {r['mem_mib']:30.0f}"))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(argv=argv, device=dev_name, torch=torch.__version__, args=vars(a), results=results), f,
