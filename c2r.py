@@ -387,10 +387,11 @@ def heading(W_FD, opt, H, k=None):
     itself if H = 0 or before the first step. k: Adam's step count, if the caller keeps it (train()
     does: a fused Adam keeps it on the GPU, and reading it there would wait for the GPU)."""
     st = opt.state.get(W_FD)
-    if H == 0 or not st:
+    k = k if k is not None or not st else float(st["step"])
+    if H == 0 or not st or k == 0:     # no step yet (a state of step 0: a failed first step)
         return W_FD.detach()
     group = next(g for g in opt.param_groups if any(p is W_FD for p in g["params"]))
-    (b1, b2), k = group["betas"], float(st["step"]) if k is None else k
+    b1, b2 = group["betas"]
     d = math.sqrt(1 - b2 ** k)     # the bias corrections as numbers: no kernel for them on the GPU
     # W - H lr/(1 - b1^k) m / (sqrt(v)/d + eps) = W + c m / (sqrt(v) + eps d), with c = -H lr d / (1 - b1^k):
     # three passes over [F, D], then the norms, in one buffer (a copy is GBs at 1M latents)
@@ -597,7 +598,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                                 nbr_err=None if nbr_err is None else nbr_err.item(),
                                 dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum())))
             pbar.set_postfix({k: v for k, v in log[-1].items() if k != "step" and v is not None})
-            if (log[-1]["nbr_err"] or 0) > 0.05 and not warned:     # once a call: the table is a different loss
+            if (log[-1]["nbr_err"] or 0) > 0.05 and not warned and world()[0] == 0:   # once a call, rank 0
                 warned = True
                 warnings.warn(f"step {step}: C²R's neighbour table is {log[-1]['nbr_err']:.1%} off the exact one "
                               f"(nbr_err): lower Config.nbr_every (R = {cfg.nbr_period()}) to search more rows a "

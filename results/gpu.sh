@@ -36,10 +36,11 @@ if [ -n "${SMALL:-}" ]; then                   # seconds on a CPU, every code pa
 fi
 ONLY=${ONLY:-bench wide pieces profile gpt2}
 on() { [[ " $ONLY " == *" $1 "* ]]; }
+for p in $ONLY; do [[ " bench wide pieces profile gpt2 " == *" $p "* ]] || { echo "ONLY: no part $p"; exit 2; }; done
 part() {     # part SECONDS FILE COMMAND...: run with a time limit, keep the output, go on whatever happens
     local s=$1 f=$2; shift 2
-    timeout "$(( s + 30 ))" "$@" > >(tee "$f") 2>&1
-    local rc=$?
+    timeout "$(( s + 30 ))" "$@" 2>&1 | tee "$f"     # a pipe, so the file is whole when part returns
+    local rc=${PIPESTATUS[0]}
     [ $rc -eq 0 ] || echo "!! exit status $rc (124: out of time) for: $*" | tee -a "$f"
 }
 

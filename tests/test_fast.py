@@ -216,6 +216,9 @@ def test_heading_is_adams_step_repeated():
         W = torch.nn.Parameter(W0.clone())
         opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3)), W], lr=1e-2, **impl)    # W in any group
         assert torch.equal(c2r.heading(W, opt, 3.0), W.detach())             # no state yet
+        opt.state[W] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros(6, 5), exp_avg_sq=torch.zeros(6, 5))
+        assert torch.equal(c2r.heading(W, opt, 3.0), W.detach())             # a state of step 0: none yet
+        del opt.state[W]
         g = torch.Generator().manual_seed(1)
         for t in range(40):
             W_prev = W.detach().clone()
