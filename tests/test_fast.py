@@ -334,3 +334,23 @@ def test_train_warns_when_the_table_is_far_off(R):
         assert far == [] and max(r["nbr_err"] for r in log) == 0
     else:
         assert len(far) == 1 and "nbr_every" in far[0] and max(r["nbr_err"] for r in log) > 0.05
+
+
+@pytest.mark.parametrize("n,m,dtype", [(8192, 16, torch.float32), (8192 + 37, 16, torch.float32),
+                                       (20000, 3, torch.float64), (8191, 16, torch.float32),
+                                       (9000, 16, torch.bfloat16), (300, 1, torch.float32)])
+def test_top_m_is_topk(n, m, dtype):
+    """top_m picks the m largest of each row by the runs with the largest maxima (and the columns
+    past the last whole run): the same values as topk, and the same columns where values differ
+    (bf16 has ties); with -inf entries (the search's diagonal) and planted near-duplicates that
+    crowd one run. Narrow rows (8191 < 8 m 64, 300) take topk itself."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(40, n, generator=g).to(dtype)
+    x[torch.arange(40), torch.arange(40) * 7] = -float("inf")
+    x[0, 100:120] = 50.0 + torch.arange(20, dtype=dtype)     # all of row 0's best in one run
+    x[1, -5:] = 60.0                                          # row 1's best in the tail
+    got, want = c2r.top_m(x, m), x.topk(m, dim=1).indices
+    torch.testing.assert_close(x.gather(1, got).sort(dim=1).values, x.gather(1, want).sort(dim=1).values,
+                               rtol=0, atol=0)
+    if dtype != torch.bfloat16:
+        assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
