@@ -612,7 +612,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                                 nbr_err=None if nbr_err is None else nbr_err.item(),
                                 dead=int((sae.tokens_since_fired > cfg.dead_tokens).sum())))
             pbar.set_postfix({k: v for k, v in log[-1].items() if k != "step" and v is not None})
-            if (log[-1]["nbr_err"] or 0) > 0.05 and not warned and world()[0] == 0:   # once a call, rank 0
+            if (log[-1]["nbr_err"] or 0) > 0.1 and not warned and world()[0] == 0:    # once a call, rank 0
                 warned = True
                 warnings.warn(f"step {step}: C²R's neighbour table is {log[-1]['nbr_err']:.1%} off the exact one "
                               f"(nbr_err): lower Config.nbr_every (R = {cfg.nbr_period()}) to search more rows a "

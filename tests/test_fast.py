@@ -320,7 +320,7 @@ def test_bf16_search_then_fp32_rerank_is_exact():
 
 @pytest.mark.parametrize("R", [1, 32])
 def test_train_warns_when_the_table_is_far_off(R):
-    """A table that gives a penalty more than 5 % off the exact one is a different loss: train()
+    """A table that gives a penalty more than 10 % off the exact one is a different loss: train()
     says so once, naming nbr_every. Here 32 steps a period and one candidate at a high lr go far
     off by step 10; R = 1 is exact and never warns."""
     cfg = c2r.Config(d_model=8, n_latents=64, kind="topk", k=4, c2r_lambda=1.0, nbr_every=R, nbr_cands=1,
@@ -333,7 +333,7 @@ def test_train_warns_when_the_table_is_far_off(R):
     if R == 1:
         assert far == [] and max(r["nbr_err"] for r in log) == 0
     else:
-        assert len(far) == 1 and "nbr_every" in far[0] and max(r["nbr_err"] for r in log) > 0.05
+        assert len(far) == 1 and "nbr_every" in far[0] and max(r["nbr_err"] for r in log) > 0.1
 
 
 @pytest.mark.parametrize("n,m,dtype", [(8192, 16, torch.float32), (8192 + 37, 16, torch.float32),
