@@ -401,8 +401,8 @@ def heading(W_FD, opt, H, k=None):
     itself if H = 0 or before the first step. k: Adam's step count, if the caller keeps it (train()
     does: a fused Adam keeps it on the GPU, and reading it there would wait for the GPU)."""
     st = opt.state.get(W_FD)
-    k = k if k is not None or not st else float(st["step"])
-    if H == 0 or not st or k == 0:     # no step yet (a state of step 0: a failed first step)
+    k = float(st["step"]) if st and k is None else k
+    if H == 0 or not st or not k:      # no step yet (or a state of step 0: a failed first step)
         return W_FD.detach()
     group = next(g for g in opt.param_groups if any(p is W_FD for p in g["params"]))
     b1, b2 = group["betas"]
