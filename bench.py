@@ -298,7 +298,8 @@ def parts_row(a, n_latents):
     sae = c2r.SAE(cfg).to(dev)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=dev.type == "cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    for _ in range(2):
+    adam_steps = 2
+    for _ in range(adam_steps):
         for p in sae.parameters():
             p.grad = 1e-3 * torch.randn(p.shape, device=dev, generator=g)
         opt.step()
@@ -323,7 +324,7 @@ def parts_row(a, n_latents):
         p.backward()
 
     def heading():     # Adam's step count given, as train() gives it
-        return c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead, 2)
+        return c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead, adam_steps)
 
     rss0 = start_memory(dev)
     res = dict(row="parts", n_latents=n_latents, R=R, m=m, rows=hi)
@@ -342,10 +343,14 @@ def child(a, spec):
     if a.threads:
         torch.set_num_threads(a.threads)
     row, n = spec["row"], spec["n_latents"]
-    if row in ("c2r_loss", "parts"):
-        res = c2r_row(a, n) if row == "c2r_loss" else parts_row(a, n)
+    if row == "c2r_loss":
+        res = c2r_row(a, n)
+    elif row == "parts":
+        res = parts_row(a, n)
+    elif row == "ours + C²R" and not a.profile:
+        res = pair_row(a, n)
     else:
-        res = pair_row(a, n) if row == "ours + C²R" and not a.profile else step_row(a, row, n)
+        res = step_row(a, row, n)
     print("RESULT " + json.dumps(res))
 
 
