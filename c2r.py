@@ -154,9 +154,11 @@ def top_m(x_NF, m, run=64):
 
 @torch.no_grad()
 def rerank(W_dec_FD, cand_FM, *, unit_rows=False):
-    """j(i) = the most similar of latent i's m candidates cand_FM [F, m] (search_rows_) on this decoder ->
-    nbr_F [F]: F*m cosines by a sampled matmul (no [F, m, D] gather), in fp32 even under autocast (so a bf16
-    search need only get the neighbour into the m); ties: the lowest index. It follows near-tie swaps exactly."""
+    """j(i) = the most similar to latent i, on this decoder, of its m candidates cand_FM [F, m]
+    (search_rows_) and of the latents that list i among theirs (similarity is symmetric, and their
+    search may be newer than i's) -> nbr_F [F]. F*m cosines by a sampled matmul (no [F, m, D]
+    gather), in fp32 even under autocast (so a bf16 search need only get the neighbour into the m);
+    ties: the lowest index. It follows near-tie swaps exactly."""
     W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
     W, (n, m) = W.to(torch.promote_types(W.dtype, torch.float32)), cand_FM.shape
     if W.device.type in ("cpu", "cuda"):     # -1 (never searched) would read outside W; no host read
@@ -164,7 +166,13 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False):
     csr = torch.sparse_csr_tensor(torch.arange(0, n * m + 1, m, device=W.device), cand_FM.flatten(),
                                   W.new_zeros(n * m), (n, n), check_invariants=False)
     cos_FM = torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, m)     # autocast leaves it fp32
-    return cand_FM.gather(1, cos_FM.argmax(1, keepdim=True))[:, 0]
+    k = cos_FM.argmax(1, keepdim=True)                 # the lists are in index order: ties go to the lowest
+    own, nbr_F = cos_FM.gather(1, k)[:, 0], cand_FM.gather(1, k)[:, 0]
+    # the other way round: j listing i offers j to i, at the same cosine (the best offer, the lowest j)
+    to, cos, by = cand_FM.flatten(), cos_FM.flatten(), torch.arange(n, device=W.device).repeat_interleave(m)
+    rev = torch.full_like(own, -float("inf")).scatter_reduce(0, to, cos, "amax")
+    arg = torch.full_like(nbr_F, n).scatter_reduce(0, to, torch.where(cos == rev[to], by, n), "amin")
+    return torch.where((rev > own) | ((rev == own) & (arg < nbr_F)), arg, nbr_F)
 
 
 def code_norms(vals_N, cols_N, n_latents):

@@ -13,8 +13,11 @@ would: roll:R:m (the rolling search on the decoder as it is, R steps a period, m
 re-ranked; m = 1: none; with :rev, each latent is also offered the best match among the rows just
 searched), adam:R:m:H[:only] (the search on the rows moved on H steps of Adam's update, c2r.heading;
 :only: all m candidates from there, else half), pred:R:m:H:L[:only] (the same with each row's pace
-over its last L steps), full:R (a full search every R steps: the old default, R = 10) and lag:R (the
-exact table of R steps before). They answer "what if the width, so R, were larger?" on this run's
+over its last L steps), prio:R:m:H[:rr][:norev][:disp][:speed] (the n/R rows whose decoder rows
+travelled furthest since their last search, on heading(H), each offering itself to the latents it
+found; :rr the rolling slice instead, :norev no offers, :disp by the distance from where the row was
+searched, :speed by Adam's next steps), full:R (a full search every R steps: the old default, R = 10)
+and lag:R (the exact table of R steps before). They answer "what if the width, so R, were larger?" on this run's
 trajectory. The table also shows train()'s own check, its log's nbr_err (512 rows). Every number: mean ± std over seeds."""
 
 import argparse
@@ -79,6 +82,39 @@ def strategy(spec, n):
     def adam(W, t):           # adam:R:m:H[:only]: the rows moved on H steps of Adam's update (c2r.heading)
         return ahead(W, t, c2r.heading(OPT["sae"].W_dec_FD, OPT["opt"], float(p[2])) if "opt" in OPT else W)
 
+    def prio(W, t):           # prio:R:m:H[:rr][:norev][:disp][:speed]: the n/R rows that moved furthest since
+        m, b = int(p[1]), max(1, n // R)       # their last search (:rr the rolling slice), searched on heading(H);
+        P = c2r.heading(OPT["sae"].W_dec_FD, OPT["opt"], float(p[2])) if "opt" in OPT else W   # each searched row
+        if "C" not in st:                      # offers itself to its m candidates (:norev: not), replacing
+            st["C"] = c2r.search_rows_(P, torch.full((n, m), -1), 0, n, unit_rows=True)   # their worst if closer
+            st["moved"], st["prev"] = torch.zeros(n), W.clone()
+        if "disp" in p:                        # :disp: how far each row is from where it was searched
+            st["moved"] = (W - st["prev"]).norm(dim=1)
+        elif "speed" in p:                     # :speed: the sum of Adam's next steps (heading at H = 1)
+            st["moved"] += (c2r.heading(OPT["sae"].W_dec_FD, OPT["opt"], 1.0) - W).norm(dim=1) if "opt" in OPT else 0
+        else:                                  # else: the length of its path since
+            st["moved"] += (W - st["prev"]).norm(dim=1)
+        rows = torch.arange(t % R * n // R, (t % R + 1) * n // R) if "rr" in p else st["moved"].topk(b).indices
+        st["moved"][rows] = 0
+        if "disp" in p:
+            st["prev"][rows] = W[rows]
+        else:
+            st["prev"] = W.clone()
+        C = st["C"]
+        cos = P[rows] @ P.T
+        cos[torch.arange(len(rows)), rows] = -float("inf")
+        v, j = cos.topk(m, dim=1)
+        C[rows] = j.sort(dim=1).values
+        if "norev" not in p:
+            tgt, src, val = j.flatten(), rows.repeat_interleave(m), v.flatten()
+            best = torch.full((n,), -float("inf")).scatter_reduce(0, tgt, val, "amax")
+            keep = val == best[tgt]
+            tgt, src, val = tgt[keep], src[keep], val[keep]
+            worst, w = torch.bmm(P[C[tgt]], P[tgt][:, :, None])[..., 0].min(1)
+            new = (val > worst) & (C[tgt] != src[:, None]).all(1)
+            C[tgt[new], w[new]] = src[new]
+        return c2r.rerank(W, C, unit_rows=True)
+
     def lag(W, t):            # the exact table of R steps before
         st.setdefault("T", []).append(c2r.nearest_neighbours(W))
         return st["T"][max(0, t - R)]
@@ -87,7 +123,7 @@ def strategy(spec, n):
         if t % R == 0 or "T" not in st:
             st["T"] = c2r.nearest_neighbours(W)
         return st["T"]
-    return dict(roll=roll, full=full, lag=lag, pred=pred, adam=adam)[name]
+    return dict(roll=roll, full=full, lag=lag, pred=pred, adam=adam, prio=prio)[name]
 
 
 def data_of(args, seed):

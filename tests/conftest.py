@@ -30,3 +30,15 @@ def candidates_reference(W_dec_FD, m):
     """Each latent's m most similar other latents, best first, from the whole cosine matrix."""
     W = F.normalize(W_dec_FD.detach(), dim=1)
     return (W @ W.T).fill_diagonal_(-float("inf")).topk(m, dim=1).indices
+
+
+
+def rerank_reference(W_dec_FD, C):
+    """c2r.rerank as a loop: latent i's most similar (cosine) of its candidates C[i] and of the
+    latents j that list i in C[j]; ties: the lowest index."""
+    W = F.normalize(W_dec_FD.detach(), dim=1)
+    pool = [set(c) for c in C.tolist()]
+    for j, c in enumerate(C.tolist()):
+        for i in c:
+            pool[i].add(j)
+    return torch.tensor([max(sorted(p), key=lambda j: ((W[i] @ W[j]).item(), -j)) for i, p in enumerate(pool)])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import c2r
-from conftest import c2r_reference, candidates_reference, neighbours_reference
+from conftest import c2r_reference, candidates_reference, neighbours_reference, rerank_reference
 
 FAST_KINDS = ("topk", "batchtopk")
 
@@ -126,17 +126,21 @@ def test_search_rows_is_the_exact_top_m(unit_rows):
 
 
 def test_rerank_is_the_argmax_over_the_candidates():
+    """Latent i's neighbour is the most similar of its candidates and of the latents that list i
+    (a loop, rerank_reference). Hand-built: latent 1's list lacks its twin 0, but 0's lists 1."""
     g = torch.Generator().manual_seed(1)
-    W = torch.randn(50, 6, generator=g, dtype=torch.float64)
-    C = torch.randint(50, (50, 4), generator=g)
-    cos = F.normalize(W, dim=1) @ F.normalize(W, dim=1).T
-    want = torch.stack([c[cos[i, c].argmax()] for i, c in enumerate(C)])
-    assert torch.equal(c2r.rerank(W, C), want)
-    assert torch.equal(c2r.rerank(W, C[:, :1]), C[:, 0])
+    for n, m in ((50, 4), (50, 1), (9, 8)):
+        W = torch.randn(n, 6, generator=g, dtype=torch.float64)
+        C = torch.stack([torch.randperm(n - 1, generator=g)[:m] for _ in range(n)])
+        C = (C + (C >= torch.arange(n)[:, None]).long()).sort(dim=1).values      # other latents, in index order
+        assert torch.equal(c2r.rerank(W, C), rerank_reference(W, C)), (n, m)
+    W = torch.tensor([[1.0, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0, 0, 1]])
+    assert c2r.rerank(W, torch.tensor([[1], [2], [3], [2]])).tolist() == [1, 0, 1, 2]
     with pytest.raises(RuntimeError, match="never searched|-1"):     # lists never filled: refused, not read
-        c2r.rerank(W, torch.full((50, 4), -1))
+        c2r.rerank(W, torch.full((4, 2), -1))
     # every other latent a candidate (m = F - 1): the exact search, however old the lists
-    assert torch.equal(c2r.rerank(W, candidates_reference(torch.randn(50, 6, generator=g), 49)), neighbours_reference(W))
+    assert torch.equal(c2r.rerank(W, candidates_reference(torch.randn(4, 3, generator=g), 3).sort(1).values),
+                       neighbours_reference(W))
 
 
 @pytest.mark.parametrize("F_,R", [(24, 1), (24, 5), (24, 24), (10, 16)])
@@ -159,9 +163,9 @@ def test_rolling_slices_cover_every_row_once_per_period(F_, R, monkeypatch):
 def test_table_in_train(R, m, ahead):
     """Inside train(), step t uses each latent's m best candidates from the last search of its row
     (its slice, searched on the rows moved on H = (R - 1) * ahead steps of Adam's update of that
-    step), re-ranked on the decoder of step t. So R = 1 (every row every step, H = 0) is the exact
-    argmax at every step, and so is m = F - 1, whatever R. The log's nbr_err is the table's C²R
-    terms against the exact table's (all 24 rows: fewer than 512)."""
+    step) and the latents whose candidates hold it, re-ranked on the decoder of step t. So R = 1
+    (every row every step, H = 0) is the exact argmax at every step, and so is m = F - 1, whatever
+    R. The log's nbr_err is the table's C²R terms against the exact table's (all 24 rows: < 512)."""
     cfg = c2r.Config(d_model=8, n_latents=24, kind="topk", k=2, c2r_lambda=1.0, nbr_every=R, nbr_cands=m,
                      nbr_ahead=ahead, steps=9, lr=3e-2, log_every=1, warmup=0.0, decay=0.0)
     sae, states, xs, used, adam = c2r.SAE(cfg), [], [], [], [None]
@@ -190,7 +194,7 @@ def test_table_in_train(R, m, ahead):
         fresh, top = neighbours_reference(W), candidates_reference(P, m).sort(dim=1).values
         rows = torch.arange(24) if t == 0 else torch.arange(t % R * 24 // R, (t % R + 1) * 24 // R)
         C = top if C is None else C.index_copy(0, rows, top[rows])       # slice t % R renewed, the rest kept
-        table = C.gather(1, (W @ W.T).gather(1, C).argmax(1, keepdim=True))[:, 0]
+        table = rerank_reference(W, C)
         assert torch.equal(used[t], table)
         if m == 23 or R == 1:
             assert torch.equal(used[t], fresh)
