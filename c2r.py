@@ -212,7 +212,8 @@ class Config:
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
                                  # every step, the exact definition; 0 = ceil(F / 1024), at most 8: 1,024 rows a step
                                  # up to 8,192 latents, F/8 beyond (measured within 1 % of exact only up to R = 8)
-    nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step [latents]
+    nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
+                                 # latents that list it [latents]
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
                                  # current update (they serve that long); 0 = where they are [periods]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
@@ -569,7 +570,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             c2r = None                                        # lambda = 0: no search, nothing logged
             if cfg.c2r_lambda > 0:
                 # the rolling search: slice t of R searched afresh (torchrun: 1/N of its rows on each rank),
-                # then every latent's m candidates re-ranked; a fresh SAE searches every row, to start
+                # then every latent's m candidates and those listing it re-ranked; a fresh SAE searches every row
                 R, n, W, C = cfg.nbr_period(), cfg.n_latents, sae.W_dec_FD, sae.nbr_cand_FM
                 lo, hi = (0, n) if step == start and C[0, 0] < 0 else (step % R * n // R, (step % R + 1) * n // R)
                 P = heading(W, opt, (R - 1) * cfg.nbr_ahead, n_adam)   # the candidates serve R - 1 more steps

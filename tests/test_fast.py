@@ -136,6 +136,9 @@ def test_rerank_is_the_argmax_over_the_candidates():
         assert torch.equal(c2r.rerank(W, C), rerank_reference(W, C)), (n, m)
     W = torch.tensor([[1.0, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0, 0, 1]])
     assert c2r.rerank(W, torch.tensor([[1], [2], [3], [2]])).tolist() == [1, 0, 1, 2]
+    # exact ties (three equal rows), in the own list and among the offers: the lowest index wins
+    ties = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]], dtype=torch.float64)
+    assert c2r.rerank(ties, torch.tensor([[1, 2], [2, 3], [1, 3], [0, 1]])).tolist() == [1, 0, 0, 0]
     with pytest.raises(RuntimeError, match="never searched|-1"):     # lists never filled: refused, not read
         c2r.rerank(W, torch.full((4, 2), -1))
     # every other latent a candidate (m = F - 1): the exact search, however old the lists
