@@ -169,9 +169,10 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False):
     k = cos_FM.argmax(1, keepdim=True)                 # the lists are in index order: ties go to the lowest
     own, nbr_F = cos_FM.gather(1, k)[:, 0], cand_FM.gather(1, k)[:, 0]
     # the other way round: j listing i offers j to i, at the same cosine (the best offer, the lowest j)
-    rev = torch.full_like(own, -float("inf")).scatter_reduce(0, cand_FM.flatten(), cos_FM.flatten(), "amax")
+    to = cand_FM.flatten()
+    rev = torch.full_like(own, -float("inf")).scatter_reduce(0, to, cos_FM.flatten(), "amax")
     by_FM = torch.where(cos_FM == rev[cand_FM], torch.arange(n, device=W.device)[:, None], n)
-    arg = torch.full_like(nbr_F, n).scatter_reduce(0, cand_FM.flatten(), by_FM.flatten(), "amin")
+    arg = torch.full_like(nbr_F, n).scatter_reduce(0, to, by_FM.flatten(), "amin")
     return torch.where((rev > own) | ((rev == own) & (arg < nbr_F)), arg, nbr_F)
 
 

@@ -32,7 +32,6 @@ def candidates_reference(W_dec_FD, m):
     return (W @ W.T).fill_diagonal_(-float("inf")).topk(m, dim=1).indices
 
 
-
 def rerank_reference(W_dec_FD, C):
     """c2r.rerank as a loop: latent i's most similar (cosine) of its candidates C[i] and of the
     latents j that list i in C[j]; ties: the lowest index."""

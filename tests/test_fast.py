@@ -142,7 +142,8 @@ def test_rerank_is_the_argmax_over_the_candidates():
     with pytest.raises(RuntimeError, match="never searched|-1"):     # lists never filled: refused, not read
         c2r.rerank(W, torch.full((4, 2), -1))
     # every other latent a candidate (m = F - 1): the exact search, however old the lists
-    assert torch.equal(c2r.rerank(W, candidates_reference(torch.randn(4, 3, generator=g), 3).sort(1).values),
+    W = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    assert torch.equal(c2r.rerank(W, candidates_reference(torch.randn(50, 6, generator=g), 49).sort(1).values),
                        neighbours_reference(W))
 
 
