@@ -36,6 +36,14 @@ import train_toy  # noqa: E402
 OPT = {}
 
 
+def offer_(C, W, tgt, src, val):
+    """Latents tgt each take the offer src (at cosine val) in place of their least similar candidate
+    in C (on W's unit rows), if closer than it and not listed yet. In place."""
+    worst, w = torch.bmm(W[C[tgt]], W[tgt][:, :, None])[..., 0].min(1)
+    new = (val > worst) & (C[tgt] != src[:, None]).all(1)
+    C[tgt[new], w[new]] = src[new]
+
+
 def strategy(spec, n):
     """'roll:R:m' or 'full:R' -> table(W, t): the table that search would use at step t (W unit rows)."""
     name, *p = spec.split(":")
@@ -51,9 +59,7 @@ def strategy(spec, n):
             cos = W[lo:hi] @ W.T
             cos.diagonal(lo).fill_(-float("inf"))
             v, i = cos.max(0)
-            worst, w = torch.bmm(W[C], W[:, :, None])[..., 0].min(1)
-            new = (v > worst) & (C != (i + lo)[:, None]).all(1)
-            C[new, w[new]] = i[new] + lo
+            offer_(C, W, torch.arange(n), i + lo, v)
         return c2r.rerank(W, st["C"], unit_rows=True)
 
     def ahead(W, t, P):       # the rolling search on P (rows moved on), re-ranked on W; without :only half the m on W
@@ -109,10 +115,7 @@ def strategy(spec, n):
             tgt, src, val = j.flatten(), rows.repeat_interleave(m), v.flatten()
             best = torch.full((n,), -float("inf")).scatter_reduce(0, tgt, val, "amax")
             keep = val == best[tgt]
-            tgt, src, val = tgt[keep], src[keep], val[keep]
-            worst, w = torch.bmm(P[C[tgt]], P[tgt][:, :, None])[..., 0].min(1)
-            new = (val > worst) & (C[tgt] != src[:, None]).all(1)
-            C[tgt[new], w[new]] = src[new]
+            offer_(C, P, tgt[keep], src[keep], val[keep])
         return c2r.rerank(W, C, unit_rows=True)
 
     def lag(W, t):            # the exact table of R steps before
