@@ -16,7 +16,9 @@ searched), adam:R:m:H[:only] (the search on the rows moved on H steps of Adam's 
 over its last L steps), prio:R:m:H[:rr][:norev][:disp][:speed] (the n/R rows whose decoder rows
 travelled furthest since their last search, on heading(H), each offering itself to the latents it
 found; :rr the rolling slice instead, :norev no offers, :disp by the distance from where the row was
-searched, :speed by Adam's next steps), full:R (a full search every R steps: the old default, R = 10)
+searched, :speed by Adam's next steps), ivf:R:K:P[:m] (not exhaustive: the slice's rows meet only
+the members of their P nearest of K clusters, spherical k-means moved one Lloyd step a step, and
+their m candidates; ivf:R:1:1 is roll:R:16), full:R (a full search every R steps: the old default, R = 10)
 and lag:R (the exact table of R steps before). They answer "what if the width, so R, were larger?" on this run's
 trajectory. The table also shows train()'s own check, its log's nbr_err (512 rows). Every number: mean ± std over seeds."""
 
@@ -34,6 +36,7 @@ import train_toy  # noqa: E402
 
 
 OPT = {}
+MET = {}      # ivf:...: the share of the dictionary each searched row met, every step
 
 
 def offer_(C, W, tgt, src, val):
@@ -118,6 +121,38 @@ def strategy(spec, n):
             offer_(C, P, tgt[keep], src[keep], val[keep])
         return c2r.rerank(W, C, unit_rows=True)
 
+    def ivf(W, t):            # ivf:R:K:P[:m]: not exhaustive: the rows of a rolling slice each meet only the members
+        K, P = int(p[1]), int(p[2])            # of their P nearest of K clusters (spherical k-means on W, one
+        m = int(p[3]) if len(p) > 3 else 16    # Lloyd step a step), merged into their m candidates
+        if "C" not in st:
+            st["C"] = c2r.search_rows_(W, torch.full((n, m), -1), 0, n, unit_rows=True)
+            st["K"] = W[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:K]].clone()
+        a = (W @ st["K"].T).argmax(1)          # each row's cluster, then the centroids move to their members
+        mean = torch.nn.functional.normalize(torch.zeros_like(st["K"]).index_add_(0, a, W), dim=1)
+        st["K"] = torch.where(torch.bincount(a, minlength=K)[:, None] > 0, mean, st["K"])
+        a = (W @ st["K"].T).argmax(1)
+        rows = torch.arange(t % R * n // R, (t % R + 1) * n // R)
+        probe = (W[rows] @ st["K"].T).topk(P, dim=1).indices               # [b, P]
+        v_ = torch.full((len(rows), (P + 1) * m), -float("inf"))           # P lists of m from the clusters,
+        j_ = torch.zeros(len(rows), (P + 1) * m, dtype=torch.long)          # and the m candidates
+        for c in range(K):                    # cluster c meets the rows that probe it
+            q, r = (probe == c).nonzero(as_tuple=True)
+            mem = (a == c).nonzero()[:, 0]
+            if len(q) and len(mem):
+                cos = (W[rows[q]] @ W[mem].T).masked_fill(rows[q][:, None] == mem, -float("inf"))
+                v, j = cos.topk(min(m, len(mem)), dim=1)
+                slot = r[:, None] * m + torch.arange(v.shape[1])
+                v_[q[:, None], slot], j_[q[:, None], slot] = v, mem[j]
+        v_[:, P * m:], j_[:, P * m:] = torch.bmm(W[st["C"][rows]], W[rows][:, :, None])[..., 0], st["C"][rows]
+        o = v_.argsort(1, descending=True)     # by cosine, then stably by index: a repeat follows its best
+        v_, j_ = v_.gather(1, o), j_.gather(1, o)
+        o = j_.argsort(dim=1, stable=True)
+        v_, j_ = v_.gather(1, o), j_.gather(1, o)
+        v_[:, 1:][j_[:, 1:] == j_[:, :-1]] = -float("inf")
+        st["C"][rows] = j_.gather(1, v_.topk(m, dim=1).indices).sort(dim=1).values
+        MET.setdefault(spec, []).append(((torch.bincount(a, minlength=K)[probe].sum(1) + m) / n).mean().item())
+        return c2r.rerank(W, st["C"], unit_rows=True)
+
     def lag(W, t):            # the exact table of R steps before
         st.setdefault("T", []).append(c2r.nearest_neighbours(W))
         return st["T"][max(0, t - R)]
@@ -126,7 +161,7 @@ def strategy(spec, n):
         if t % R == 0 or "T" not in st:
             st["T"] = c2r.nearest_neighbours(W)
         return st["T"]
-    return dict(roll=roll, full=full, lag=lag, pred=pred, adam=adam, prio=prio)[name]
+    return dict(roll=roll, full=full, lag=lag, pred=pred, adam=adam, prio=prio, ivf=ivf)[name]
 
 
 def data_of(args, seed):
@@ -294,6 +329,8 @@ def main():
         name = {"train()": f"train(): R = {cfg.nbr_period()}, m = {cfg.nbr_cands}",
                 "nbr_err": "train()'s log: nbr_err (512 rows)"}.get(s, s)
         print(f"| {name} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f}" for v in cells) + " |")
+    for s, f in MET.items():
+        print(f"{s}: each searched row met {100 * np.mean(f):.1f} % of the dictionary (its P clusters and m candidates)")
 
 
 if __name__ == "__main__":
