@@ -130,9 +130,9 @@ def strategy(spec, n):
         a = (W @ st["K"].T).argmax(1)          # each row's cluster, then the centroids move to their members
         mean = torch.nn.functional.normalize(torch.zeros_like(st["K"]).index_add_(0, a, W), dim=1)
         st["K"] = torch.where(torch.bincount(a, minlength=K)[:, None] > 0, mean, st["K"])
-        a = (W @ st["K"].T).argmax(1)
-        rows = torch.arange(t % R * n // R, (t % R + 1) * n // R)
-        probe = (W[rows] @ st["K"].T).topk(P, dim=1).indices               # [b, P]
+        S = W @ st["K"].T                      # the moved centroids: every row's cluster, the slice's P nearest
+        a, rows = S.argmax(1), torch.arange(t % R * n // R, (t % R + 1) * n // R)
+        probe = S[rows].topk(P, dim=1).indices                              # [b, P]
         v_ = torch.full((len(rows), (P + 1) * m), -float("inf"))           # P lists of m from the clusters,
         j_ = torch.zeros(len(rows), (P + 1) * m, dtype=torch.long)          # and the m candidates
         for c in range(K):                    # cluster c meets the rows that probe it
