@@ -51,11 +51,12 @@ def strategy(spec, n):
     """'roll:R:m' or 'full:R' -> table(W, t): the table that search would use at step t (W unit rows)."""
     name, *p = spec.split(":")
     R, st = int(p[0]), {}
+    span = lambda t: (t % R * n // R, (t % R + 1) * n // R)     # noqa: E731   the rolling slice of step t
 
     def roll(W, t):
         if "C" not in st:     # a fresh SAE: every row once, as train()
             st["C"] = c2r.search_rows_(W, torch.full((n, int(p[1])), -1), 0, n, unit_rows=True)
-        lo, hi = t % R * n // R, (t % R + 1) * n // R
+        lo, hi = span(t)
         c2r.search_rows_(W, st["C"], lo, hi, unit_rows=True)
         if "rev" in p:        # each latent is also offered the slice's best match, if closer than its worst
             C = st["C"]
@@ -70,7 +71,7 @@ def strategy(spec, n):
         if "P" not in st:
             st["C"] = c2r.search_rows_(W, torch.full((n, h), -1), 0, n, unit_rows=True) if h else None
             st["P"] = c2r.search_rows_(P, torch.full((n, int(p[1]) - h), -1), 0, n, unit_rows=True)
-        lo, hi = t % R * n // R, (t % R + 1) * n // R
+        lo, hi = span(t)
         c2r.search_rows_(P, st["P"], lo, hi, unit_rows=True)
         if h:
             c2r.search_rows_(W, st["C"], lo, hi, unit_rows=True)
@@ -103,7 +104,7 @@ def strategy(spec, n):
             st["moved"] += (c2r.heading(OPT["sae"].W_dec_FD, OPT["opt"], 1.0) - W).norm(dim=1) if "opt" in OPT else 0
         else:                                  # else: the length of its path since
             st["moved"] += (W - st["prev"]).norm(dim=1)
-        rows = torch.arange(t % R * n // R, (t % R + 1) * n // R) if "rr" in p else st["moved"].topk(b).indices
+        rows = torch.arange(*span(t)) if "rr" in p else st["moved"].topk(b).indices
         st["moved"][rows] = 0
         if "disp" in p:
             st["prev"][rows] = W[rows]
@@ -131,7 +132,7 @@ def strategy(spec, n):
         mean = torch.nn.functional.normalize(torch.zeros_like(st["K"]).index_add_(0, a, W), dim=1)
         st["K"] = torch.where(torch.bincount(a, minlength=K)[:, None] > 0, mean, st["K"])
         S = W @ st["K"].T                      # the moved centroids: every row's cluster, the slice's P nearest
-        a, rows = S.argmax(1), torch.arange(t % R * n // R, (t % R + 1) * n // R)
+        a, rows = S.argmax(1), torch.arange(*span(t))
         probe = S[rows].topk(P, dim=1).indices                              # [b, P]
         v_ = torch.full((len(rows), (P + 1) * m), -float("inf"))           # P lists of m from the clusters,
         j_ = torch.zeros(len(rows), (P + 1) * m, dtype=torch.long)          # and the m candidates
