@@ -212,9 +212,9 @@ class Config:
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
                                  # every step, the exact definition; 0 = ceil(F / 1024), at most 8: 1,024 rows a step
-                                 # up to 8,192 latents, F/8 beyond (measured within 1 % of exact only up to R = 8)
+                                 # up to 8,192 latents, F/8 beyond (within 1 % of exact up to R = 8 with m = 16)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
-                                 # latents that list it [latents]
+                                 # latents that list it [latents]. The error follows m / R: with R > 8 keep m >= 4 R
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
                                  # current update (they serve that long); 0 = where they are [periods]
     # dead latents (topk kinds): AuxK, Gao et al. 2024

@@ -11,7 +11,8 @@ fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 
 --also runs other searches alongside on the same decoders, each keeping its own state as train()
 would: roll:R:m (the rolling search on the decoder as it is, R steps a period, m candidates
 re-ranked; m = 1: none; with :rev, each latent is also offered the best match among the rows just
-searched), adam:R:m:H[:only] (the search on the rows moved on H steps of Adam's update, c2r.heading;
+searched; :bf16 / :f8, no :rev: the slice's cosines as a GPU gets them from bf16 / fp8 rows),
+adam:R:m:H[:only] (the search on the rows moved on H steps of Adam's update, c2r.heading;
 :only: all m candidates from there, else half), pred:R:m:H:L[:only] (the same with each row's pace
 over its last L steps), prio:R:m:H[:rr][:norev][:disp][:speed] (the n/R rows whose decoder rows
 travelled furthest since their last search, on heading(H), each offering itself to the latents it
@@ -54,6 +55,8 @@ def strategy(spec, n):
     span = lambda t: (t % R * n // R, (t % R + 1) * n // R)     # noqa: E731   the rolling slice of step t
 
     def roll(W, t):
+        if "bf16" in p or "f8" in p:          # :bf16 / :f8: the search on rows rounded as a GPU's would be
+            return lowp(W, t)
         if "C" not in st:     # a fresh SAE: every row once, as train()
             st["C"] = c2r.search_rows_(W, torch.full((n, int(p[1])), -1), 0, n, unit_rows=True)
         lo, hi = span(t)
@@ -64,7 +67,29 @@ def strategy(spec, n):
             cos.diagonal(lo).fill_(-float("inf"))
             v, i = cos.max(0)
             offer_(C, W, torch.arange(n), i + lo, v)
+        if "two" in p:        # :two:r: a sub-list of 16 re-ranked every step, the m behind it every r steps
+            C, r = st["C"], int(p[p.index("two") + 1])    # (and at a row's search): F*(16 + m/r) cosines a step
+            rows = torch.arange(n) if t % r == 0 or "S" not in st else torch.arange(lo, hi)
+            S = st.setdefault("S", torch.zeros(n, 16, dtype=torch.long))
+            for a in range(0, len(rows), 512):
+                i = rows[a:a + 512]
+                cos = torch.bmm(W[C[i]], W[i][:, :, None])[..., 0]
+                S[i] = C[i].gather(1, cos.topk(16, dim=1).indices).sort(dim=1).values
+            return c2r.rerank(W, S, unit_rows=True)
         return c2r.rerank(W, st["C"], unit_rows=True)
+
+    def lowp(W, t):           # roll:R:m:bf16|f8: the slice's cosines from bf16 (or fp8 e4m3, each row scaled by
+        Q = W.bfloat16().float()             # a power of two to its range) rows, summed in fp32 and rounded to
+        if "f8" in p:                        # bf16, as a tensor-core matmul under autocast; re-ranked in fp32
+            s = torch.exp2(torch.floor(torch.log2(448 / W.abs().amax(1, keepdim=True))))
+            Q = (W * s).to(torch.float8_e4m3fn).float() / s
+        lo, hi = span(t) if "C" in st else (0, n)
+        C = st.setdefault("C", torch.full((n, int(p[1])), -1))
+        for a in range(lo, hi, 2048):
+            cos = (Q[a:min(a + 2048, hi)] @ Q.T).bfloat16().float()
+            cos.diagonal(a).fill_(-float("inf"))
+            C[a:a + len(cos)] = c2r.top_m(cos, C.shape[1]).sort(dim=1).values
+        return c2r.rerank(W, C, unit_rows=True)
 
     def ahead(W, t, P):       # the rolling search on P (rows moved on), re-ranked on W; without :only half the m on W
         h = 0 if "only" in p else int(p[1]) // 2
@@ -252,9 +277,14 @@ def cost():
                           ("rolling, 512 rows, m = 16, heading, check", lambda F: default(F, 512), -16),
                           ("second pass: 1,024 rows, m = 16, heading, check", default, -16),
                           ("default: 1,024 rows, F/8 past 8,192 latents, m = 16, heading, check",
-                           lambda F: F / min(-(-F // 1024), 8), -16)):
-        cells = []
+                           lambda F: F / min(-(-F // 1024), 8), -16),
+                          ("R = 16, m = 64, heading, check", lambda F: F / 16, -64),
+                          ("R = 32, m = 128, heading, check", lambda F: F / 32, -128),
+                          ("m = 4 R, R = sqrt(F / 4) (flops' best), heading, check", lambda F: (F * 4) ** 0.5,
+                           lambda F: -4 * (F / 4) ** 0.5)):
+        cells, m_of = [], m
         for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)
+            m = m_of(F) if callable(m_of) else m_of
             f = 2 * c_of(F) * D + 2 * abs(m) * D * (abs(m) > 1) + 6 * D + (10 * D + 2 * 512 * D // 50) * (m < 0)
             b = 6 * D + 4 * c_of(F) + (4 * abs(m) + 4) * D * (abs(m) > 1) + 72 * D + 16 * D * (m < 0)
             cells.append(f"{100 * f / (6 * B * D):.1f} / {100 * ns(f, b) / step:.0f} %")

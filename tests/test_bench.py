@@ -78,3 +78,43 @@ def test_refresh_ivf_probing_every_cluster_is_the_slice():
         exact_hits += (want == exact.argmax(1)).sum().item()
         few_hits += (few(W, t) == exact.argmax(1)).sum().item()
     assert few_hits < exact_hits, (few_hits, exact_hits)
+
+
+def test_refresh_low_precision_search_reranks_to_exact():
+    """refresh.py's roll:R:m:bf16|f8 (refresh.md, seventh pass) search on rows rounded as a GPU's
+    matmul would round them; with every other latent among the m candidates the fp32 re-ranking makes
+    the table exact whatever the rounding, and with m = 1 fp8 cosines miss near-ties that fp32 finds."""
+    sys.path.insert(0, os.path.join(ROOT, "results"))
+    import refresh
+    g = torch.Generator().manual_seed(0)
+    W = F.normalize(torch.randn(96, 256, generator=g), dim=1)
+    full = [refresh.strategy(s, 96) for s in ("roll:4:95", "roll:4:95:bf16", "roll:4:95:f8")]
+    one, one8 = refresh.strategy("roll:4:1", 96), refresh.strategy("roll:4:1:f8", 96)
+    hits, hits8 = 0, 0
+    for t in range(8):
+        W = F.normalize(W + 0.05 * torch.randn(W.shape, generator=g), dim=1)
+        exact = W @ W.T
+        exact = exact.fill_diagonal_(-float("inf")).argmax(1)
+        for f in full:
+            assert torch.equal(f(W, t), exact)
+        hits, hits8 = hits + (one(W, t) == exact).sum().item(), hits8 + (one8(W, t) == exact).sum().item()
+    assert hits8 < hits, (hits8, hits)
+
+
+def test_refresh_two_lists():
+    """results/refresh.py's roll:R:m:two:r (refresh.md, seventh pass): with m = 16 the re-ranked sub-list
+    is the whole list, so the table is roll:R:16's step for step; with every other latent kept and
+    the sub-list renewed every step it is exact; renewed every 3rd step it misses some."""
+    sys.path.insert(0, os.path.join(ROOT, "results"))
+    import refresh
+    g = torch.Generator().manual_seed(1)
+    W = F.normalize(torch.randn(96, 256, generator=g), dim=1)
+    roll, same, every, third = (refresh.strategy(s, 96) for s in
+                                ("roll:4:16", "roll:4:16:two:3", "roll:4:95:two:1", "roll:4:95:two:3"))
+    hits = 0
+    for t in range(9):
+        W = F.normalize(W + 0.05 * torch.randn(W.shape, generator=g), dim=1)
+        exact = (W @ W.T).fill_diagonal_(-float("inf")).argmax(1)
+        assert torch.equal(same(W, t), roll(W, t)) and torch.equal(every(W, t), exact)
+        hits += (third(W, t) == exact).sum().item()
+    assert hits < 9 * 96, hits
