@@ -78,18 +78,15 @@ def strategy(spec, n):
             return c2r.rerank(W, S, unit_rows=True)
         return c2r.rerank(W, st["C"], unit_rows=True)
 
-    def lowp(W, t):           # roll:R:m:bf16|f8: the slice's cosines from bf16 (or fp8 e4m3, each row scaled by
-        Q = W.bfloat16().float()             # a power of two to its range) rows, summed in fp32 and rounded to
-        if "f8" in p:                        # bf16, as a tensor-core matmul under autocast; re-ranked in fp32
+    def lowp(W, t):           # roll:R:m:bf16|f8: the slice searched under bf16 autocast, as train() on a GPU (bf16
+        Q = W                                # inputs, fp32 sums, bf16 cosines), on fp8 e4m3 rows with :f8 (each
+        if "f8" in p:                        # scaled by a power of two to its range); re-ranked in fp32
             s = torch.exp2(torch.floor(torch.log2(448 / W.abs().amax(1, keepdim=True))))
             Q = (W * s).to(torch.float8_e4m3fn).float() / s
         lo, hi = span(t) if "C" in st else (0, n)
-        C = st.setdefault("C", torch.full((n, int(p[1])), -1))
-        for a in range(lo, hi, 2048):
-            cos = (Q[a:min(a + 2048, hi)] @ Q.T).bfloat16().float()
-            cos.diagonal(a).fill_(-float("inf"))
-            C[a:a + len(cos)] = c2r.top_m(cos, C.shape[1]).sort(dim=1).values
-        return c2r.rerank(W, C, unit_rows=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            c2r.search_rows_(Q, st.setdefault("C", torch.full((n, int(p[1])), -1)), lo, hi, unit_rows=True)
+        return c2r.rerank(W, st["C"], unit_rows=True)
 
     def ahead(W, t, P):       # the rolling search on P (rows moved on), re-ranked on W; without :only half the m on W
         h = 0 if "only" in p else int(p[1]) // 2
