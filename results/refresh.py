@@ -11,7 +11,7 @@ fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 
 --also runs other searches alongside on the same decoders, each keeping its own state as train()
 would: roll:R:m (the rolling search on the decoder as it is, R steps a period, m candidates
 re-ranked; m = 1: none; with :rev, each latent is also offered the best match among the rows just
-searched; :bf16 / :f8, no :rev: the slice's cosines as a GPU gets them from bf16 / fp8 rows),
+searched; :bf16 / :f8: the slice's cosines as a GPU gets them from bf16 / fp8 rows),
 adam:R:m:H[:only] (the search on the rows moved on H steps of Adam's update, c2r.heading;
 :only: all m candidates from there, else half), pred:R:m:H:L[:only] (the same with each row's pace
 over its last L steps), prio:R:m:H[:rr][:norev][:disp][:speed] (the n/R rows whose decoder rows
@@ -54,13 +54,16 @@ def strategy(spec, n):
     R, st = int(p[0]), {}
     span = lambda t: (t % R * n // R, (t % R + 1) * n // R)     # noqa: E731   the rolling slice of step t
 
-    def roll(W, t):
-        if "bf16" in p or "f8" in p:          # :bf16 / :f8: the search on rows rounded as a GPU's would be
-            return lowp(W, t)
-        if "C" not in st:     # a fresh SAE: every row once, as train()
-            st["C"] = c2r.search_rows_(W, torch.full((n, int(p[1])), -1), 0, n, unit_rows=True)
+    def roll(W, t):           # :bf16 / :f8: searched under bf16 autocast, as train() on a GPU (bf16 inputs, fp32
+        Q = W                                # sums, bf16 cosines), on fp8 e4m3 rows with :f8 (each scaled by a
+        if "f8" in p:                        # power of two to its range); re-ranked in fp32
+            s = torch.exp2(torch.floor(torch.log2(448 / W.abs().amax(1, keepdim=True))))
+            Q = (W * s).to(torch.float8_e4m3fn).float() / s
         lo, hi = span(t)
-        c2r.search_rows_(W, st["C"], lo, hi, unit_rows=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in p or "f8" in p):
+            if "C" not in st:     # a fresh SAE: every row once, as train()
+                st["C"] = c2r.search_rows_(Q, torch.full((n, int(p[1])), -1), 0, n, unit_rows=True)
+            c2r.search_rows_(Q, st["C"], lo, hi, unit_rows=True)
         if "rev" in p:        # each latent is also offered the slice's best match, if closer than its worst
             C = st["C"]
             cos = W[lo:hi] @ W.T
@@ -76,16 +79,6 @@ def strategy(spec, n):
                 cos = torch.bmm(W[C[i]], W[i][:, :, None])[..., 0]
                 S[i] = C[i].gather(1, cos.topk(16, dim=1).indices).sort(dim=1).values
             return c2r.rerank(W, S, unit_rows=True)
-        return c2r.rerank(W, st["C"], unit_rows=True)
-
-    def lowp(W, t):           # roll:R:m:bf16|f8: the slice searched under bf16 autocast, as train() on a GPU (bf16
-        Q = W                                # inputs, fp32 sums, bf16 cosines), on fp8 e4m3 rows with :f8 (each
-        if "f8" in p:                        # scaled by a power of two to its range); re-ranked in fp32
-            s = torch.exp2(torch.floor(torch.log2(448 / W.abs().amax(1, keepdim=True))))
-            Q = (W * s).to(torch.float8_e4m3fn).float() / s
-        lo, hi = span(t) if "C" in st else (0, n)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            c2r.search_rows_(Q, st.setdefault("C", torch.full((n, int(p[1])), -1)), lo, hi, unit_rows=True)
         return c2r.rerank(W, st["C"], unit_rows=True)
 
     def ahead(W, t, P):       # the rolling search on P (rows moved on), re-ranked on W; without :only half the m on W
