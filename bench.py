@@ -8,9 +8,10 @@ Speed of one SAE training step, side by side, and of c2r_loss alone (README, Spe
 The step rows, all TopK with the same SAE, optimiser and batch:
   ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
   ours + C²R      the same with C²R (lambda 5, alpha 1) and c2r.train's rolling neighbour search: F/R
-                  rows a step (R: Config's default, ceil(F / 1024) up to 8, unless --nbr-every), m candidates
-                  re-ranked every step. After the timed steps, --err-steps more measure how far its
-                  penalty is from the exact one (a fresh full search), on the same decoder and codes
+                  rows a step (R: Config's default, ceil(F / 512) up to 32, unless --nbr-every), m candidates
+                  and the h busiest latents' matches (--nbr-hot) re-ranked every step. After the timed
+                  steps, --err-steps more measure how far its penalty is from the exact one (a fresh
+                  full search), on the same decoder and codes
   dense           a straightforward step: dense codes, dense decode, dense backward, no C²R
   dense + chunked the same with C²R as the authors' code computes it, every step: the latents cut
                   into random chunks of 8,192, a cosine matrix per chunk (neighbours within the
@@ -195,8 +196,8 @@ def step_row(a, row, n_latents):
 def step_config(a, n_latents, with_c2r, steps):
     return c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k,
                       c2r_lambda=a.c2r_lambda if with_c2r else 0.0, c2r_alpha=1.0, nbr_every=a.nbr_every,
-                      nbr_cands=a.nbr_cands, steps=steps, warmup=0.0, decay=0.0, log_every=10**9, seed=0,
-                      bf16=a.amp == "bf16")
+                      nbr_cands=a.nbr_cands, nbr_hot=a.nbr_hot, steps=steps, warmup=0.0, decay=0.0,
+                      log_every=10**9, seed=0, bf16=a.amp == "bf16")
 
 
 def batches_of(a, dev):      # 4 batches of Gaussian noise, cycled: the speed does not depend on the data
@@ -245,7 +246,7 @@ def pair_row(a, n_latents):
     on, off, e = ms["C²R"], ms["off"], errs["train()"]
     return dict(row="ours + C²R", n_latents=n_latents, ms=statistics.fmean(on), ms_median=statistics.median(on),
                 tok_s=a.batch / statistics.fmean(on) * 1e3, mem_mib=mem, steps=N, R=cfgs["C²R"].nbr_period(),
-                m=a.nbr_cands, ms_twin=statistics.fmean(off), ratio=sum(on) / sum(off),
+                m=a.nbr_cands, h=a.nbr_hot, ms_twin=statistics.fmean(off), ratio=sum(on) / sum(off),
                 ratio_median=statistics.median(c / o for c, o in zip(on, off)), err_steps=[W + N, W + N + E - 1],
                 err_mean=statistics.fmean(e) if e else None, err_max=max(e, default=None))
 
@@ -290,7 +291,8 @@ def parts_row(a, n_latents):
     """What a step of train()'s rolling search costs, piece by piece, on a fresh SAE whose Adam has
     stepped twice (random gradients: the costs do not depend on the values): the look-ahead
     (c2r.heading over all F rows), the search of one slice of F/R rows (bf16 under --amp bf16),
-    the re-ranking of all F*m candidates, the penalty (code_norms of k*B codes + C²R's terms, forward
+    the re-ranking of all F*m candidates with the h busiest latents' matches (their top-h, an [F, h]
+    matmul under --amp, as in train()), the penalty (code_norms of k*B codes + C²R's terms, forward
     and backward), and train()'s check (table_error, once every log_every steps). Median of reps."""
     dev, B = torch.device(a.device), a.batch
     cfg = step_config(a, n_latents, True, 10)
@@ -311,6 +313,12 @@ def parts_row(a, n_latents):
     vals = (torch.rand(B * a.k, device=dev, generator=g) + 0.1).requires_grad_()
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp == "bf16")
     hi = -(-n_latents // R)
+    a_F = c2r.code_norms(vals.detach(), cols, n_latents)
+    h = min(cfg.nbr_hot, n_latents) if R > 1 else 0
+
+    def rerank():      # as train() calls it
+        with amp:
+            sae.nbr_F.copy_(c2r.rerank(W, C, unit_rows=True, hot_H=a_F.topk(h).indices if h else None))
 
     def search():
         with amp:
@@ -327,11 +335,11 @@ def parts_row(a, n_latents):
         return c2r.heading(W, opt, (R - 1) * cfg.nbr_ahead, adam_steps)
 
     rss0 = start_memory(dev)
-    res = dict(row="parts", n_latents=n_latents, R=R, m=m, rows=hi)
+    res = dict(row="parts", n_latents=n_latents, R=R, m=m, h=h, rows=hi)
     res["heading_ms"] = clock(dev, heading, 10, warmup=True)
     P = heading()
     res["search_ms"] = clock(dev, search, 10, warmup=True)
-    res["rerank_ms"] = clock(dev, lambda: sae.nbr_F.copy_(c2r.rerank(W, C, unit_rows=True)), 10, warmup=True)
+    res["rerank_ms"] = clock(dev, rerank, 10, warmup=True)
     res["penalty_ms"] = clock(dev, penalty, 10, warmup=True)
     res["check_ms"] = clock(dev, lambda: c2r.table_error(sae, vals.detach().new_ones(n_latents), 0), 10, warmup=True)
     res["mem_mib"] = peak_memory(dev, rss0)
@@ -396,8 +404,9 @@ def parse(argv):
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--c2r-lambda", type=float, default=5.0, help="C²R lambda (the paper's)")
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
-                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 1024), 8); 1: the exact search)")
+                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 512), 32); 1: the exact search)")
     ap.add_argument("--nbr-cands", type=int, default=c2r.Config.nbr_cands, help="m for `ours + C²R`")
+    ap.add_argument("--nbr-hot", type=int, default=c2r.Config.nbr_hot, help="h for `ours + C²R` (0: none)")
     ap.add_argument("--err-steps", type=int, default=None, help="`ours + C²R`: steps whose penalty error is "
                     "measured, after the timed ones; default 20 (GPU), 5 (CPU)")
     ap.add_argument("--block", type=int, default=None, help="`ours + C²R` and its twin without C²R alternate "
@@ -423,7 +432,7 @@ def parse(argv):
     for name in ("d_model", "batch", "k", "nbr_cands", "steps", "c2r_reps", "block"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    for name in ("warmup", "nbr_every", "err_steps"):
+    for name in ("warmup", "nbr_every", "nbr_hot", "err_steps"):
         if getattr(a, name) is not None and getattr(a, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if min(a.n_latents or [2]) < 2 or min(a.c2r_latents or [2]) < 2 or min(a.parts_latents or [2]) < 2:
@@ -451,7 +460,8 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
     print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
-          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 1024), 8)'}, m={a.nbr_cands}")
+          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 32)'}, "
+          f"m={a.nbr_cands}, h={a.nbr_hot}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
     results = []
     for n in a.n_latents:
@@ -489,13 +499,14 @@ def main(argv=None):
             f"{fmt(r.get('search_bf16_ms'), '15.1f'):>15} {r['penalty_ms']:11.2f} {r['mem_mib']:30.0f}"))
     if a.parts_latents:
         print(f"\nthe rolling search's pieces, ms a step (median of 10): the look-ahead (all F rows), the search of "
-              f"one slice, the re-ranking of the F*m candidates, the penalty (forward and backward); the check "
-              f"(table_error, 512 rows) runs once every log_every steps; autocast {a.amp}")
-        print(f"{'latents':>10} {'R':>5} {'m':>3} {'heading':>8} {'search':>8} {'rerank':>8} {'penalty':>8} "
+              f"one slice, the re-ranking of the F*m candidates and the h busiest latents' matches, the penalty "
+              f"(forward and backward); the check (table_error, 512 rows) runs once every log_every steps; "
+              f"autocast {a.amp}")
+        print(f"{'latents':>10} {'R':>5} {'m':>3} {'h':>4} {'heading':>8} {'search':>8} {'rerank':>8} {'penalty':>8} "
               f"{'sum':>8} {'check':>8} {mem:>30}")
         widths(argv, "parts", a.parts_latents, results, lambda r: (
-            f"{r['n_latents']:>10,} {r['R']:5} {r['m']:3} {r['heading_ms']:8.2f} {r['search_ms']:8.2f} "
-            f"{r['rerank_ms']:8.2f} {r['penalty_ms']:8.2f} "
+            f"{r['n_latents']:>10,} {r['R']:5} {r['m']:3} {r.get('h', 0):4} {r['heading_ms']:8.2f} "
+            f"{r['search_ms']:8.2f} {r['rerank_ms']:8.2f} {r['penalty_ms']:8.2f} "
             f"{sum(r[k] for k in ('heading_ms', 'search_ms', 'rerank_ms', 'penalty_ms')):8.2f} "
             f"{r['check_ms']:8.2f} {r['mem_mib']:30.0f}"))
     if a.out:

@@ -153,21 +153,36 @@ def top_m(x_NF, m, run=64):
 
 
 @torch.no_grad()
-def rerank(W_dec_FD, cand_FM, *, unit_rows=False):
+def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
     """j(i) = the most similar to latent i, on this decoder, of its m candidates cand_FM [F, m]
     (search_rows_) and of the latents that list i among theirs (similarity is symmetric, and their
     search may be newer than i's) -> nbr_F [F]. F*m cosines by a sampled matmul (no [F, m, D]
     gather), in fp32 even under autocast (so a bf16 search need only get the neighbour into the m);
-    ties: the lowest index. It follows near-tie swaps exactly."""
+    ties: the lowest index. It follows near-tie swaps exactly. hot_H [h]: latents every latent also
+    meets (train(): the h busiest in the batch, whose pairs weigh most in the penalty), by an [F, h]
+    matmul in the caller's precision, as the search: each latent's 4 closest of them, and each hot
+    latent's 4 closest of all latents, join the candidates."""
     W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
-    W, (n, m) = W.to(torch.promote_types(W.dtype, torch.float32)), cand_FM.shape
+    W = W.to(torch.promote_types(W.dtype, torch.float32))
     if W.device.type in ("cpu", "cuda"):     # -1 (never searched) would read outside W; no host read
         torch._assert_async((cand_FM >= 0).all(), "rerank: cand_FM holds -1: fill it with search_rows_ first")
-    csr = torch.sparse_csr_tensor(torch.arange(0, n * m + 1, m, device=W.device), cand_FM.flatten(),
-                                  W.new_zeros(n * m), (n, n), check_invariants=False)
-    cos_FM = torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, m)     # autocast leaves it fp32
-    k = cos_FM.argmax(1, keepdim=True)                 # the lists are in index order: ties go to the lowest
-    own, nbr_F = cos_FM.gather(1, k)[:, 0], cand_FM.gather(1, k)[:, 0]
+    n = len(W)
+
+    def cosines(X_FK):     # <w_i, w_X[i, k]> [F, K], a sampled matmul (no [F, K, D] gather); fp32 under autocast
+        K = X_FK.shape[1]
+        csr = torch.sparse_csr_tensor(torch.arange(0, n * K + 1, K, device=W.device), X_FK.flatten(),
+                                      W.new_zeros(n * K), (n, n), check_invariants=False)
+        return torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, K)
+    cos_FM = cosines(cand_FM)
+    if hot_H is not None:     # found in the caller's precision, as the search's candidates, then measured in fp32
+        cos_FH = W @ W[hot_H].T
+        cos_FH[hot_H, torch.arange(len(hot_H), device=W.device)] = -float("inf")    # not your own neighbour
+        t = min(4, len(hot_H), n - 1)
+        X_FT = hot_H[cos_FH.topk(t, dim=1).indices]
+        X_FT[hot_H] = cos_FH.topk(t, dim=0).indices.T
+        cand_FM, cos_FM = torch.cat([cand_FM, X_FT], dim=1), torch.cat([cos_FM, cosines(X_FT)], dim=1)
+    own = cos_FM.amax(1)
+    nbr_F = torch.where(cos_FM == own[:, None], cand_FM, n).amin(1)      # ties: the lowest index
     # the other way round: j listing i offers j to i, at the same cosine (the best offer, the lowest j)
     to = cand_FM.flatten()
     rev = torch.full_like(own, -float("inf")).scatter_reduce(0, to, cos_FM.flatten(), "amax")
@@ -211,12 +226,15 @@ class Config:
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = ceil(F / 1024), at most 8: 1,024 rows a step
-                                 # up to 8,192 latents, F/8 beyond (within 1 % of exact up to R = 8 with m = 16)
+                                 # every step, the exact definition; 0 = ceil(F / 512), at most 32: 512 rows a step
+                                 # up to 16,384 latents, F/32 beyond (with nbr_hot: within 0.6 % of exact up to 16,384)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
-                                 # latents that list it [latents]. The error follows m / R: with R > 8 keep m >= 4 R
+                                 # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
+                                 # m >= 4 R past R = 8); with it, m = 16 holds R = 32 (results/refresh.md)
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
                                  # current update (they serve that long); 0 = where they are [periods]
+    nbr_hot: int = 256           # h: with R > 1, every latent also meets the h busiest in the batch (largest a_i)
+                                 # every step, both ways: their pairs weigh most. ~h / (6 B) of a step [latents]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
     aux_coeff: float = 1 / 32    # weight of the AuxK loss
@@ -263,6 +281,7 @@ class Config:
                 ("n_latents", self.c2r_lambda == 0 or self.n_latents >= 2, ">= 2 for C²R (c2r_lambda > 0)"),
                 ("l1_coeff", self.l1_coeff >= 0, ">= 0"), ("nbr_every", self.nbr_every >= 0, ">= 0 (0: the default)"),
                 ("nbr_cands", self.nbr_cands >= 1, ">= 1"), ("nbr_ahead", self.nbr_ahead >= 0, ">= 0"),
+                ("nbr_hot", self.nbr_hot >= 0, ">= 0 (0: none)"),
                 ("aux_k", self.aux_k >= 0, ">= 0"),
                 ("aux_coeff", self.aux_coeff >= 0, ">= 0"), ("dead_tokens", self.dead_tokens >= 0, ">= 0"),
                 ("steps", self.steps >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
@@ -276,7 +295,7 @@ class Config:
                 raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
 
     def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width gets its own
-        return self.nbr_every or min(-(-self.n_latents // 1024), 8)
+        return self.nbr_every or min(-(-self.n_latents // 512), 32)
 
 
 class SAE(nn.Module):
@@ -576,7 +595,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 lo, hi = (0, n) if step == start and C[0, 0] < 0 else (step % R * n // R, (step % R + 1) * n // R)
                 P = heading(W, opt, (R - 1) * cfg.nbr_ahead, n_adam)   # the candidates serve R - 1 more steps
                 C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True)[a:b].clone(), lo, hi)
-                sae.nbr_F.copy_(rerank(W, C, unit_rows=True))
+                hot = a_F.detach().topk(min(cfg.nbr_hot, n)).indices if cfg.nbr_hot and R > 1 else None
+                sae.nbr_F.copy_(rerank(W, C, unit_rows=True, hot_H=hot))
                 # c2r_penalty(..., unit_rows=True) without its checks (5 kernels): rerank's table is valid
                 c2r = c2r_terms(a_F, W, slice(None), sae.nbr_F, alpha=cfg.c2r_alpha).mean()
                 loss = loss + cfg.c2r_lambda * ramp(step, cfg.c2r_warmup, cfg.steps) * c2r

@@ -11,8 +11,8 @@
 #    without C²R, and its penalty error); then that ratio and error at 4,096 / 262,144 / 1,048,576
 #    latents (issue 12: <= 10 % of the step at every width; 1,048,576 without the error, whose exact
 #    fp32 searches alone take minutes); then the rolling search's per-step pieces (heading, slice search,
-#    rerank, penalty) from 4,096 to 1,048,576 latents, at R = 1, and at R = 16 / 32 with m = 64 / 128
-#    candidates (pieces.txt); then a torch.profiler table of each row (packed into profile.tgz).
+#    rerank with the hot set, penalty) from 4,096 to 1,048,576 latents, at R = 1, and without the hot
+#    set at R = 8 (the old default) and at R = 32 with m = 128 candidates (pieces.txt); then a torch.profiler table of each row (packed into profile.tgz).
 # 2. train_gpt2.py's defaults (BatchTopK, 24,576 latents, k=32, 10M tokens per SAE, layer 8) on
 #    GPT-2 small's architecture with random weights and random tokens (no weights or text can be
 #    reached there), for its throughput, peak memory and wall time (README, GPT-2 small). With
@@ -62,10 +62,10 @@ if on pieces; then
     part 60 "$OUT/pieces.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents "${PIECES[@]}"
     part 40 "$RUN/exact.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents --nbr-every 1 "${EXACT[@]}"
     cat "$RUN/exact.txt" >> "$OUT/pieces.txt"
-    for rm in "16 64" "32 128"; do     # more candidates, a longer period (refresh.md, seventh pass)
-        read -r R M <<< "$rm"
+    for rmh in "8 16 0" "32 128 0"; do     # no hot set: the old default; m = 4 R (refresh.md, seventh pass)
+        read -r R M H <<< "$rmh"
         part 60 "$RUN/rm.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents --nbr-every "$R" \
-            --nbr-cands "$M" "${PIECES[@]}"
+            --nbr-cands "$M" --nbr-hot "$H" "${PIECES[@]}"
         cat "$RUN/rm.txt" >> "$OUT/pieces.txt"
     done
 fi

@@ -5,7 +5,8 @@
     OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
     python results/refresh.py --cost                                              # the cost model's tables
 
-Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 1024), 8), m = 16)
+Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 512), 32), m = 16,
+h = 256; --hot 0 leaves the hot set out)
 and before every step compares the C²R penalty of the table train() uses with the exact one (a
 fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
 --also runs other searches alongside on the same decoders, each keeping its own state as train()
@@ -205,11 +206,11 @@ def run(args, seed):
         targs = train_toy.parser().parse_args([])
         cfg = train_toy.config(args.kind, args.lam, seed, targs, train_toy.Toy(seed=seed))
         cfg = c2r.Config(**{**cfg.__dict__, "nbr_every": args.nbr_every, "nbr_cands": args.m,
-                                     "nbr_ahead": args.ahead, "log_every": 1})
+                                     "nbr_ahead": args.ahead, "log_every": 1, "nbr_hot": args.hot})
     else:
         cfg = c2r.Config(d_model=d, n_latents=args.n_latents, kind=args.kind, k=args.k, c2r_lambda=args.lam,
                          steps=args.steps, lr=args.lr, nbr_every=args.nbr_every, nbr_cands=args.m, seed=seed,
-                         nbr_ahead=args.ahead, log_every=1)
+                         nbr_ahead=args.ahead, log_every=1, nbr_hot=args.hot)
     torch.manual_seed(seed)
     sae = c2r.SAE(cfg)
     OPT.clear()
@@ -245,6 +246,9 @@ def cost():
                in fp32, (4 m + 4) D bytes (a gather of W[cand] into [F, m, D] and a bmm: (12 m + 4) D)
       penalty  c2r_penalty and its backward on [F, D] fp32 rows (gather, product, sum, scatter-add):
                ~6 D flops, ~72 D bytes. C²R itself, the same at any R (and in the old default)
+      hot set  the h busiest latents (nbr_hot): an [F, h] bf16 matmul, 2 h D flops, W read in bf16 (2 D)
+               and the [F, h] cosines written and read by two top-4s (6 h); their 4 candidates more a
+               latent: 8 D flops, 16 D bytes
       heading  where the rows are heading (c2r.heading): Adam's two moments and W read, the moved rows
                written (fp32), ~10 D flops, 16 D bytes; the search's bf16 copy is of these rows
       check    train()'s nbr_err at log steps (every 50): 512 rows searched, 2 * 512 D / 50 flops"""
@@ -254,6 +258,7 @@ def cost():
     terms = {"our step": (6 * B * D, 110 * D + 10 * B), "search, 512 rows a step": (2 * 512 * D, 6 * D + 4 * 512),
              "search, 1,024 rows a step": (2 * 1024 * D, 6 * D + 4 * 1024),
              **{f"re-rank, m = {m}": (2 * m * D, (4 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D),
+             "hot set, h = 256": (2 * 256 * D + 8 * D, 6 * 256 + 18 * D),
              "heading": (10 * D, 16 * D), "check (nbr_err)": (2 * 512 * D // 50, 0)}
     print("| per latent and step | flops | bytes | ns at peak | % of our step |\n|---|---|---|---|---|")
     for name, (f, b) in terms.items():
@@ -261,22 +266,26 @@ def cost():
     print("\n| C²R's share of our step: flops only / flops and bytes | " + " | ".join(f"{F:,}" for F in WIDTHS) + " |")
     print("|---" * (len(WIDTHS) + 1) + "|")
     default = lambda F, c=1024: F / -(-F // c)      # noqa: E731   (rows searched a step)
-    for name, c_of, m in (("exact every step (R = 1), m = 16", lambda F: F, 16),
+    for name, c_of, m, *h in (("exact every step (R = 1), m = 16", lambda F: F, 16),
                           ("old default: full search every 10 steps", lambda F: F / 20, 1),     # symmetric: F/2
                           *((f"rolling: R = ceil(F / 512), m = {m}", lambda F: default(F, 512), m) for m in (1, 4, 16)),
                           ("rolling, 512 rows, m = 16, heading, check", lambda F: default(F, 512), -16),
                           ("second pass: 1,024 rows, m = 16, heading, check", default, -16),
-                          ("default: 1,024 rows, F/8 past 8,192 latents, m = 16, heading, check",
+                          ("old default: 1,024 rows, F/8 past 8,192 latents, m = 16, heading, check",
                            lambda F: F / min(-(-F // 1024), 8), -16),
                           ("R = 16, m = 64, heading, check", lambda F: F / 16, -64),
                           ("R = 32, m = 128, heading, check", lambda F: F / 32, -128),
                           ("m = 4 R, R = sqrt(F / 4) (flops' best), heading, check", lambda F: (F * 4) ** 0.5,
-                           lambda F: -4 * (F / 4) ** 0.5)):
+                           lambda F: -4 * (F / 4) ** 0.5),
+                          ("**default: 512 rows, F/32 past 16,384 latents, m = 16, h = 256, heading, check**",
+                           lambda F: F / min(-(-F // 512), 32), -16, 256)):
         cells, m_of = [], m
         for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)
             m = m_of(F) if callable(m_of) else m_of
             f = 2 * c_of(F) * D + 2 * abs(m) * D * (abs(m) > 1) + 6 * D + (10 * D + 2 * 512 * D // 50) * (m < 0)
             b = 6 * D + 4 * c_of(F) + (4 * abs(m) + 4) * D * (abs(m) > 1) + 72 * D + 16 * D * (m < 0)
+            if h:     # the hot set
+                f, b = f + 2 * h[0] * D + 8 * D, b + 6 * h[0] + 18 * D
             cells.append(f"{100 * f / (6 * B * D):.1f} / {100 * ns(f, b) / step:.0f} %")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
@@ -310,6 +319,7 @@ def main():
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every, help="R of the run (0: Config's default)")
     ap.add_argument("--m", type=int, default=c2r.Config.nbr_cands, help="nbr_cands of the run")
     ap.add_argument("--ahead", type=float, default=c2r.Config.nbr_ahead, help="nbr_ahead of the run")
+    ap.add_argument("--hot", type=int, default=c2r.Config.nbr_hot, help="nbr_hot of the run (h; 0: none)")
     ap.add_argument("--also", nargs="*", default=[], help="searches run alongside: roll:R:m, full:R")
     ap.add_argument("--n-latents", type=int, default=4096, help="npy only (the toy: train_toy's)")
     ap.add_argument("--k", type=int, default=16, help="npy only")

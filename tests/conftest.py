@@ -32,12 +32,14 @@ def candidates_reference(W_dec_FD, m):
     return (W @ W.T).fill_diagonal_(-float("inf")).topk(m, dim=1).indices
 
 
-def rerank_reference(W_dec_FD, C):
-    """c2r.rerank as a loop: latent i's most similar (cosine) of its candidates C[i] and of the
-    latents j that list i in C[j]; ties: the lowest index."""
-    W = F.normalize(W_dec_FD.detach(), dim=1)
-    pool = [set(c) for c in C.tolist()]
+def rerank_reference(W_dec_FD, C, hot=()):
+    """c2r.rerank as a loop: latent i's most similar (cosine) of its candidates C[i], of the
+    latents j that list i in C[j] and of the hot latents; a hot latent's, of all; ties: the lowest index."""
+    W, n = F.normalize(W_dec_FD.detach(), dim=1), len(C)
+    pool = [set(c) | set(hot) - {i} for i, c in enumerate(C.tolist())]
     for j, c in enumerate(C.tolist()):
         for i in c:
             pool[i].add(j)
+    for h in hot:
+        pool[h] = set(range(n)) - {h}
     return torch.tensor([max(sorted(p), key=lambda j: ((W[i] @ W[j]).item(), -j)) for i, p in enumerate(pool)])

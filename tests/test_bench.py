@@ -32,10 +32,10 @@ def test_bench_runs_tiny(tmp_path):
         assert r["ms"] > 0 and r.get("steps", 2) == 2
     parts = res[3]    # the rolling search's pieces at R = 2: the look-ahead runs, half the rows searched
     assert "error" not in parts, parts
-    assert (parts["R"], parts["m"], parts["rows"]) == (2, 16, 32)
+    assert (parts["R"], parts["m"], parts["h"], parts["rows"]) == (2, 16, 64, 32)    # h: all 64 (< 256)
     assert all(parts[k] > 0 for k in ("heading_ms", "search_ms", "rerank_ms", "penalty_ms", "check_ms"))
     pair = res[0]     # timed against its twin without C²R, then its penalty error over --err-steps steps
-    assert pair["ratio"] > 0 and pair["R"] == 2 and pair["err_steps"] == [3, 5]
+    assert pair["ratio"] > 0 and pair["R"] == 2 and pair["h"] == 256 and pair["err_steps"] == [3, 5]
     assert 0 <= pair["err_mean"] <= pair["err_max"] < 0.5
     assert "interleaved" in p.stdout and "from the exact one" in p.stdout
 
@@ -48,7 +48,7 @@ def test_chunked_c2r_with_one_chunk_is_c2r():
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--batch", "0"], ["--k", "0"], ["--nbr-every", "-1"],
-                                  ["--nbr-cands", "0"], ["--block", "0"], ["--err-steps", "-1"],
+                                  ["--nbr-cands", "0"], ["--nbr-hot", "-1"], ["--block", "0"], ["--err-steps", "-1"],
                                   ["--d-model", "0"], ["--c2r-reps", "0"], ["--warmup", "-1"],
                                   ["--n-latents", "1"], ["--c2r-latents", "64", "0"],
                                   ["--parts-latents", "1"]])

@@ -281,18 +281,18 @@ def test_bad_config():
                       (dict(thr_momentum=1.5), "thr_momentum"), (dict(aux_k=-1), "aux_k"),
                       (dict(clip_grad=-1.0), "clip_grad"), (dict(n_latents=1, k=1, c2r_lambda=0.1), "n_latents"),
                       (dict(nbr_every=-1), "nbr_every"), (dict(nbr_cands=0), "nbr_cands"),
-                      (dict(nbr_ahead=-0.5), "nbr_ahead")]:
+                      (dict(nbr_ahead=-0.5), "nbr_ahead"), (dict(nbr_hot=-1), "nbr_hot")]:
         with pytest.raises(ValueError, match=what):
             c2r.Config(**bad)
 
 
 def test_default_search_period_grows_with_the_width():
-    """nbr_every = 0 searches 1,024 rows a step (R = 1, the exact search, up to 1,024 latents) and R
-    stops at 8 (F/8 rows a step beyond 8,192 latents); it is resolved from the width each time, so a
-    copy of the Config at another width gets its own."""
-    assert [c2r.Config(n_latents=n, k=1).nbr_period() for n in (80, 1024, 1025, 8192, 8193, 2 ** 20)] == \
-        [1, 1, 2, 8, 8, 8]
-    assert dataclasses.replace(c2r.Config(n_latents=80, k=1), n_latents=8192).nbr_period() == 8
+    """nbr_every = 0 searches 512 rows a step (R = 1, the exact search, up to 512 latents) and R
+    stops at 32 (F/32 rows a step beyond 16,384 latents); it is resolved from the width each time, so
+    a copy of the Config at another width gets its own."""
+    assert [c2r.Config(n_latents=n, k=1).nbr_period() for n in (80, 512, 513, 8192, 16384, 16385, 2 ** 20)] == \
+        [1, 1, 2, 16, 32, 32, 32]
+    assert dataclasses.replace(c2r.Config(n_latents=80, k=1), n_latents=8192).nbr_period() == 16
     assert c2r.Config(n_latents=4096, nbr_every=1).nbr_period() == 1
 
 

@@ -141,6 +141,17 @@ def test_rerank_is_the_argmax_over_the_candidates():
     assert c2r.rerank(ties, torch.tensor([[1, 2], [2, 3], [1, 3], [0, 1]])).tolist() == [1, 0, 0, 0]
     with pytest.raises(RuntimeError, match="never searched|-1"):     # lists never filled: refused, not read
         c2r.rerank(W, torch.full((4, 2), -1))
+    # hot latents: every latent is offered its closest of them, and they get their exact neighbour
+    for n, m, h in ((50, 3, 5), (50, 1, 49), (9, 2, 9)):
+        W = torch.randn(n, 6, generator=g, dtype=torch.float64)
+        C = torch.stack([torch.randperm(n - 1, generator=g)[:m] for _ in range(n)])
+        C = (C + (C >= torch.arange(n)[:, None]).long()).sort(dim=1).values
+        hot = torch.randperm(n, generator=g)[:h]
+        got = c2r.rerank(W, C, hot_H=hot)
+        assert torch.equal(got, rerank_reference(W, C, hot.tolist())), (n, m, h)
+        assert torch.equal(got[hot], neighbours_reference(W)[hot])
+        assert h < n - 1 or torch.equal(got, neighbours_reference(W))     # all but one hot: exact
+    assert c2r.rerank(ties, torch.tensor([[3], [3], [3], [2]]), hot_H=torch.tensor([2, 1])).tolist() == [1, 0, 0, 0]
     # every other latent a candidate (m = F - 1): the exact search, however old the lists
     W = torch.randn(50, 6, generator=g, dtype=torch.float64)
     assert torch.equal(c2r.rerank(W, candidates_reference(torch.randn(50, 6, generator=g), 49).sort(1).values),
@@ -163,15 +174,17 @@ def test_rolling_slices_cover_every_row_once_per_period(F_, R, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:.*neighbour table is")     # m = 2, 3 are meant to go stale
-@pytest.mark.parametrize("R,m,ahead", [(1, 4, 1.0), (3, 23, 1.0), (3, 2, 1.0), (3, 2, 0.0), (4, 3, 2.5)])
-def test_table_in_train(R, m, ahead):
+@pytest.mark.parametrize("R,m,ahead,h", [(1, 4, 1.0, 0), (3, 23, 1.0, 0), (3, 2, 1.0, 0), (3, 2, 0.0, 0),
+                                         (4, 3, 2.5, 0), (3, 2, 1.0, 3), (4, 3, 2.5, 5), (1, 4, 1.0, 5)])
+def test_table_in_train(R, m, ahead, h):
     """Inside train(), step t uses each latent's m best candidates from the last search of its row
     (its slice, searched on the rows moved on H = (R - 1) * ahead steps of Adam's update of that
-    step) and the latents whose candidates hold it, re-ranked on the decoder of step t. So R = 1
+    step), the latents whose candidates hold it and, for R > 1, the h busiest latents of the batch
+    (largest a_i, met both ways), re-ranked on the decoder of step t. So R = 1
     (every row every step, H = 0) is the exact argmax at every step, and so is m = F - 1, whatever
     R. The log's nbr_err is the table's C²R terms against the exact table's (all 24 rows: < 512)."""
     cfg = c2r.Config(d_model=8, n_latents=24, kind="topk", k=2, c2r_lambda=1.0, nbr_every=R, nbr_cands=m,
-                     nbr_ahead=ahead, steps=9, lr=3e-2, log_every=1, warmup=0.0, decay=0.0)
+                     nbr_ahead=ahead, nbr_hot=h, steps=9, lr=3e-2, log_every=1, warmup=0.0, decay=0.0)
     sae, states, xs, used, adam = c2r.SAE(cfg), [], [], [], [None]
     g = torch.Generator().manual_seed(0)
 
@@ -198,7 +211,9 @@ def test_table_in_train(R, m, ahead):
         fresh, top = neighbours_reference(W), candidates_reference(P, m).sort(dim=1).values
         rows = torch.arange(24) if t == 0 else torch.arange(t % R * 24 // R, (t % R + 1) * 24 // R)
         C = top if C is None else C.index_copy(0, rows, top[rows])       # slice t % R renewed, the rest kept
-        table = rerank_reference(W, C)
+        vals, _, cols = ref.sparse_codes(ref.pre_acts(xs[t]))
+        hot = c2r.code_norms(vals, cols, 24).topk(h).indices.tolist() if R > 1 else []     # as train() picks them
+        table = rerank_reference(W, C, hot)
         assert torch.equal(used[t], table)
         if m == 23 or R == 1:
             assert torch.equal(used[t], fresh)
@@ -209,7 +224,7 @@ def test_table_in_train(R, m, ahead):
         assert row["c2r"] == pytest.approx(expect.item(), rel=1e-5)
         exact = c2r.c2r_penalty(a, W, fresh, alpha=cfg.c2r_alpha)
         assert row["nbr_err"] == pytest.approx(abs(expect / exact - 1).item(), abs=1e-6)
-    if m == 2:
+    if m == 2 and h == 0:
         assert stale > 0   # at this lr a neighbour does leave the 2 kept candidates: the check bites
         assert max(r["nbr_err"] for r in log) > 1e-3        # and nbr_err sees it
 
@@ -329,10 +344,10 @@ def test_bf16_search_then_fp32_rerank_is_exact():
 @pytest.mark.parametrize("R", [1, 32])
 def test_train_warns_when_the_table_is_far_off(R):
     """A table that gives a penalty more than 10 % off the exact one is a different loss: train()
-    says so once, naming nbr_every. Here 32 steps a period and one candidate at a high lr go far
-    off by step 10; R = 1 is exact and never warns."""
+    says so once, naming nbr_every. Here 32 steps a period and one candidate (no hot set) at a high
+    lr go far off by step 10; R = 1 is exact and never warns."""
     cfg = c2r.Config(d_model=8, n_latents=64, kind="topk", k=4, c2r_lambda=1.0, nbr_every=R, nbr_cands=1,
-                     nbr_ahead=0.0, steps=30, lr=3e-2, log_every=10)
+                     nbr_ahead=0.0, nbr_hot=0, steps=30, lr=3e-2, log_every=10)
     g = torch.Generator().manual_seed(0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
