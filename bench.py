@@ -243,10 +243,10 @@ def pair_row(a, n_latents):
     mem = peak_memory(dev, rss0)
     if E:
         block("C²R", W + N, W + N + E, measure=True)
-    on, off, e = ms["C²R"], ms["off"], errs["train()"]
+    on, off, e, R = ms["C²R"], ms["off"], errs["train()"], cfgs["C²R"].nbr_period()
     return dict(row="ours + C²R", n_latents=n_latents, ms=statistics.fmean(on), ms_median=statistics.median(on),
-                tok_s=a.batch / statistics.fmean(on) * 1e3, mem_mib=mem, steps=N, R=cfgs["C²R"].nbr_period(),
-                m=a.nbr_cands, h=a.nbr_hot, ms_twin=statistics.fmean(off), ratio=sum(on) / sum(off),
+                tok_s=a.batch / statistics.fmean(on) * 1e3, mem_mib=mem, steps=N, R=R, m=a.nbr_cands,
+                h=min(a.nbr_hot, n_latents) if R > 1 else 0, ms_twin=statistics.fmean(off), ratio=sum(on) / sum(off),
                 ratio_median=statistics.median(c / o for c, o in zip(on, off)), err_steps=[W + N, W + N + E - 1],
                 err_mean=statistics.fmean(e) if e else None, err_max=max(e, default=None))
 

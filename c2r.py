@@ -158,10 +158,11 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
     (search_rows_) and of the latents that list i among theirs (similarity is symmetric, and their
     search may be newer than i's) -> nbr_F [F]. F*m cosines by a sampled matmul (no [F, m, D]
     gather), in fp32 even under autocast (so a bf16 search need only get the neighbour into the m);
-    ties: the lowest index. It follows near-tie swaps exactly. hot_H [h]: latents every latent also
-    meets (train(): the h busiest in the batch, whose pairs weigh most in the penalty), by an [F, h]
-    matmul in the caller's precision, as the search: each latent's 4 closest of them, and each hot
-    latent's 4 closest of all latents, join the candidates."""
+    ties: the lowest index of those offered. It follows near-tie swaps exactly. hot_H [h]: latents
+    every latent also meets (train(): the h busiest in the batch, whose pairs weigh most in the
+    penalty), by an [F, h] matmul in the caller's precision, as the search: each latent's 4 closest
+    of them, and each hot latent's 4 closest of all latents (min(4, h) if h < 4), join the
+    candidates, 4 F cosines more."""
     W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
     W = W.to(torch.promote_types(W.dtype, torch.float32))
     if W.device.type in ("cpu", "cuda"):     # -1 (never searched) would read outside W; no host read
@@ -174,12 +175,13 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
                                       W.new_zeros(n * K), (n, n), check_invariants=False)
         return torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, K)
     cos_FM = cosines(cand_FM)
-    if hot_H is not None:     # found in the caller's precision, as the search's candidates, then measured in fp32
+    if hot_H is not None and len(hot_H):     # found in the caller's precision, as the search's, measured in fp32
         cos_FH = W @ W[hot_H].T
         cos_FH[hot_H, torch.arange(len(hot_H), device=W.device)] = -float("inf")    # not your own neighbour
         t = min(4, len(hot_H), n - 1)
         X_FT = hot_H[cos_FH.topk(t, dim=1).indices]
         X_FT[hot_H] = cos_FH.topk(t, dim=0).indices.T
+        X_FT = X_FT.sort(dim=1).values             # CSR rows in index order, as cuSPARSE expects
         cand_FM, cos_FM = torch.cat([cand_FM, X_FT], dim=1), torch.cat([cos_FM, cosines(X_FT)], dim=1)
     own = cos_FM.amax(1)
     nbr_F = torch.where(cos_FM == own[:, None], cand_FM, n).amin(1)      # ties: the lowest index
@@ -234,7 +236,7 @@ class Config:
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
                                  # current update (they serve that long); 0 = where they are [periods]
     nbr_hot: int = 256           # h: with R > 1, every latent also meets the h busiest in the batch (largest a_i)
-                                 # every step, both ways: their pairs weigh most. ~h / (6 B) of a step [latents]
+                                 # every step, both ways: their pairs weigh most. ~h / (3 B) of a step [latents]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
     aux_coeff: float = 1 / 32    # weight of the AuxK loss
@@ -590,7 +592,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             c2r = None                                        # lambda = 0: no search, nothing logged
             if cfg.c2r_lambda > 0:
                 # the rolling search: slice t of R searched afresh (torchrun: 1/N of its rows on each rank),
-                # then every latent's m candidates and those listing it re-ranked; a fresh SAE searches every row
+                # then every latent's m candidates, those listing it and the batch's h busiest latents re-ranked;
+                # a fresh SAE searches every row
                 R, n, W, C = cfg.nbr_period(), cfg.n_latents, sae.W_dec_FD, sae.nbr_cand_FM
                 lo, hi = (0, n) if step == start and C[0, 0] < 0 else (step % R * n // R, (step % R + 1) * n // R)
                 P = heading(W, opt, (R - 1) * cfg.nbr_ahead, n_adam)   # the candidates serve R - 1 more steps

@@ -11,8 +11,9 @@
 #    without C²R, and its penalty error); then that ratio and error at 4,096 / 262,144 / 1,048,576
 #    latents (issue 12: <= 10 % of the step at every width; 1,048,576 without the error, whose exact
 #    fp32 searches alone take minutes); then the rolling search's per-step pieces (heading, slice search,
-#    rerank with the hot set, penalty) from 4,096 to 1,048,576 latents, at R = 1, and without the hot
-#    set at R = 8 (the old default) and at R = 32 with m = 128 candidates (pieces.txt); then a torch.profiler table of each row (packed into profile.tgz).
+#    rerank with the hot set, penalty) from 4,096 to 1,048,576 latents, at R = 1 (no hot set), and
+#    without the hot set at R = 8, m = 16 (the old default from 8,192 latents) and R = 32, m = 128
+#    (pieces.txt); then a torch.profiler table of each row (packed into profile.tgz).
 # 2. train_gpt2.py's defaults (BatchTopK, 24,576 latents, k=32, 10M tokens per SAE, layer 8) on
 #    GPT-2 small's architecture with random weights and random tokens (no weights or text can be
 #    reached there), for its throughput, peak memory and wall time (README, GPT-2 small). With
@@ -62,7 +63,7 @@ if on pieces; then
     part 60 "$OUT/pieces.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents "${PIECES[@]}"
     part 40 "$RUN/exact.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents --nbr-every 1 "${EXACT[@]}"
     cat "$RUN/exact.txt" >> "$OUT/pieces.txt"
-    for rmh in "8 16 0" "32 128 0"; do     # no hot set: the old default; m = 4 R (refresh.md, seventh pass)
+    for rmh in "8 16 0" "32 128 0"; do     # no hot set: the old default; m = 4 R (refresh.md, 7th pass)
         read -r R M H <<< "$rmh"
         part 60 "$RUN/rm.txt" python3 bench.py "${BENCH[@]}" --n-latents --c2r-latents --nbr-every "$R" \
             --nbr-cands "$M" --nbr-hot "$H" "${PIECES[@]}"

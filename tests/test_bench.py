@@ -35,7 +35,7 @@ def test_bench_runs_tiny(tmp_path):
     assert (parts["R"], parts["m"], parts["h"], parts["rows"]) == (2, 16, 64, 32)    # h: all 64 (< 256)
     assert all(parts[k] > 0 for k in ("heading_ms", "search_ms", "rerank_ms", "penalty_ms", "check_ms"))
     pair = res[0]     # timed against its twin without C²R, then its penalty error over --err-steps steps
-    assert pair["ratio"] > 0 and pair["R"] == 2 and pair["h"] == 256 and pair["err_steps"] == [3, 5]
+    assert pair["ratio"] > 0 and pair["R"] == 2 and pair["h"] == 64 and pair["err_steps"] == [3, 5]
     assert 0 <= pair["err_mean"] <= pair["err_max"] < 0.5
     assert "interleaved" in p.stdout and "from the exact one" in p.stdout
 

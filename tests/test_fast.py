@@ -326,6 +326,25 @@ def test_bf16_training_matches_fp32(kind):
         fit_toy(kind, **over)
 
 
+def test_bf16_hot_latents_then_fp32_rerank_are_exact():
+    """Under bf16 autocast the hot latents' matmul can rank a near-tie the wrong way round (0.9985
+    and 0.9990 come out 1.0 and 0.996 here), so each latent takes up to 4 of them, both ways, for
+    the fp32 re-ranking: the exact neighbour of latent 0 (latent 2) is found though 0's own list is
+    useless, and 0, itself hot, finds its exact neighbour among all latents."""
+    W = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    for j, c in ((2, 0.9990), (1, 0.9985), (3, 0.9982)):      # latent 0's neighbours: 2, then 1, 3, nearly tied
+        u = F.normalize(W[j] - (W[j] @ W[0]) * W[0], dim=0)
+        W[j] = c * W[0] + (1 - c * c) ** 0.5 * u
+    useless = torch.tensor([[11]] * 11 + [[10]])                # nobody lists 0, 1, 2 or 3
+    want = neighbours_reference(W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos = W @ W.T
+        for hot in ([1, 2, 3], [0, 5]):
+            got = c2r.rerank(W, useless, hot_H=torch.tensor(hot))
+            assert got[0] == want[0] == 2, hot
+    assert cos.dtype == torch.bfloat16 and cos[0, 1] > cos[0, 2]     # bf16 ranks them the wrong way round
+
+
 def test_bf16_search_then_fp32_rerank_is_exact():
     """Under bf16 autocast the search's cosines round a near-tie together (0.9995 and 0.9998 are
     both 1.0 in bf16); re-ranking the top m in fp32 still finds the exact neighbour."""
