@@ -246,7 +246,7 @@ def pair_row(a, n_latents):
     on, off, e, R = ms["C²R"], ms["off"], errs["train()"], cfgs["C²R"].nbr_period()
     return dict(row="ours + C²R", n_latents=n_latents, ms=statistics.fmean(on), ms_median=statistics.median(on),
                 tok_s=a.batch / statistics.fmean(on) * 1e3, mem_mib=mem, steps=N, R=R, m=a.nbr_cands,
-                h=min(a.nbr_hot, n_latents) if R > 1 else 0, ms_twin=statistics.fmean(off), ratio=sum(on) / sum(off),
+                h=cfgs["C²R"].nbr_hot_count(), ms_twin=statistics.fmean(off), ratio=sum(on) / sum(off),
                 ratio_median=statistics.median(c / o for c, o in zip(on, off)), err_steps=[W + N, W + N + E - 1],
                 err_mean=statistics.fmean(e) if e else None, err_max=max(e, default=None))
 
@@ -314,7 +314,7 @@ def parts_row(a, n_latents):
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp == "bf16")
     hi = -(-n_latents // R)
     a_F = c2r.code_norms(vals.detach(), cols, n_latents)
-    h = min(cfg.nbr_hot, n_latents) if R > 1 else 0
+    h = cfg.nbr_hot_count()
 
     def rerank():      # as train() calls it
         with amp:

@@ -299,6 +299,9 @@ class Config:
     def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width gets its own
         return self.nbr_every or min(-(-self.n_latents // 512), 32)
 
+    def nbr_hot_count(self):     # the h in use: none at R = 1, where the table is exact already
+        return min(self.nbr_hot, self.n_latents) if self.nbr_period() > 1 else 0
+
 
 class SAE(nn.Module):
     def __init__(self, cfg: Config):
@@ -598,7 +601,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 lo, hi = (0, n) if step == start and C[0, 0] < 0 else (step % R * n // R, (step % R + 1) * n // R)
                 P = heading(W, opt, (R - 1) * cfg.nbr_ahead, n_adam)   # the candidates serve R - 1 more steps
                 C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True)[a:b].clone(), lo, hi)
-                hot = a_F.detach().topk(min(cfg.nbr_hot, n)).indices if cfg.nbr_hot and R > 1 else None
+                h = cfg.nbr_hot_count()
+                hot = a_F.detach().topk(h).indices if h else None
                 sae.nbr_F.copy_(rerank(W, C, unit_rows=True, hot_H=hot))
                 # c2r_penalty(..., unit_rows=True) without its checks (5 kernels): rerank's table is valid
                 c2r = c2r_terms(a_F, W, slice(None), sae.nbr_F, alpha=cfg.c2r_alpha).mean()

@@ -294,6 +294,10 @@ def test_default_search_period_grows_with_the_width():
         [1, 1, 2, 16, 32, 32, 32]
     assert dataclasses.replace(c2r.Config(n_latents=80, k=1), n_latents=8192).nbr_period() == 16
     assert c2r.Config(n_latents=4096, nbr_every=1).nbr_period() == 1
+    # the busiest latents met every step: h, at most F, none at R = 1 (exact already)
+    assert [c2r.Config(n_latents=n, k=1).nbr_hot_count() for n in (80, 512, 513, 8192)] == [0, 0, 256, 256]
+    assert c2r.Config(n_latents=100, k=1, nbr_every=2).nbr_hot_count() == 100
+    assert c2r.Config(n_latents=8192, k=1, nbr_hot=0).nbr_hot_count() == 0
 
 
 @pytest.mark.parametrize("name", ["c2r_lambda", "c2r_alpha", "l1_coeff", "aux_coeff", "lr", "clip_grad", "warmup"])
