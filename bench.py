@@ -8,7 +8,7 @@ Speed of one SAE training step, side by side, and of c2r_loss alone (README, Spe
 The step rows, all TopK with the same SAE, optimiser and batch:
   ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
   ours + C²R      the same with C²R (lambda 5, alpha 1) and c2r.train's rolling neighbour search: F/R
-                  rows a step (R: Config's default, ceil(F / 512) up to 32, unless --nbr-every), m candidates
+                  rows a step (R: Config's default, ceil(F / 512) up to 16, unless --nbr-every), m candidates
                   and the h busiest latents' matches (--nbr-hot) re-ranked every step. After the timed
                   steps, --err-steps more measure how far its penalty is from the exact one (a fresh
                   full search), on the same decoder and codes
@@ -404,7 +404,7 @@ def parse(argv):
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--c2r-lambda", type=float, default=5.0, help="C²R lambda (the paper's)")
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
-                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 512), 32); 1: the exact search)")
+                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 512), 16); 1: the exact search)")
     ap.add_argument("--nbr-cands", type=int, default=c2r.Config.nbr_cands, help="m for `ours + C²R`")
     ap.add_argument("--nbr-hot", type=int, default=c2r.Config.nbr_hot, help="h for `ours + C²R` (0: none)")
     ap.add_argument("--err-steps", type=int, default=None, help="`ours + C²R`: steps whose penalty error is "
@@ -460,7 +460,7 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
     print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
-          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 32)'}, "
+          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 16)'}, "
           f"m={a.nbr_cands}, h={a.nbr_hot}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
     results = []

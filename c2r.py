@@ -228,11 +228,11 @@ class Config:
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = ceil(F / 512), at most 32: 512 rows a step
-                                 # up to 16,384 latents, F/32 beyond (with nbr_hot: within 0.6 % of exact up to 16,384)
+                                 # every step, the exact definition; 0 = ceil(F / 512), at most 16: 512 rows a step
+                                 # up to 8,192 latents, F/16 beyond (with nbr_hot: within 0.6 % of exact up to 8,192)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
-                                 # m >= 4 R past R = 8); with it, m = 16 holds R = 32 (results/refresh.md)
+                                 # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
                                  # current update (they serve that long); 0 = where they are [periods]
     nbr_hot: int = 256           # h: with R > 1, every latent also meets the h busiest in the batch (largest a_i)
@@ -297,7 +297,7 @@ class Config:
                 raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
 
     def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width gets its own
-        return self.nbr_every or min(-(-self.n_latents // 512), 32)
+        return self.nbr_every or min(-(-self.n_latents // 512), 16)
 
     def nbr_hot_count(self):     # the h in use: none at R = 1, where the table is exact already
         return min(self.nbr_hot, self.n_latents) if self.nbr_period() > 1 else 0

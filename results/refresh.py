@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
     python results/refresh.py --cost                                              # the cost model's tables
 
-Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 512), 32), m = 16,
+Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 512), 16), m = 16,
 h = 256; --hot 0 leaves the hot set out)
 and before every step compares the C²R penalty of the table train() uses with the exact one (a
 fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
@@ -277,8 +277,9 @@ def cost():
                           ("R = 32, m = 128, heading, check", lambda F: F / 32, -128),
                           ("m = 4 R, R = sqrt(F / 4) (flops' best), heading, check", lambda F: (F * 4) ** 0.5,
                            lambda F: -4 * (F / 4) ** 0.5),
-                          ("**default: 512 rows, F/32 past 16,384 latents, m = 16, h = 256, heading, check**",
-                           lambda F: F / min(-(-F // 512), 32), -16, 256)):
+                          ("**default: 512 rows, F/16 past 8,192 latents, m = 16, h = 256, heading, check**",
+                           lambda F: F / min(-(-F // 512), 16), -16, 256),
+                          ("the same capped at R = 32", lambda F: F / min(-(-F // 512), 32), -16, 256)):
         cells, m_of = [], m
         for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)
             m = m_of(F) if callable(m_of) else m_of

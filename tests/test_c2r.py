@@ -288,10 +288,10 @@ def test_bad_config():
 
 def test_default_search_period_grows_with_the_width():
     """nbr_every = 0 searches 512 rows a step (R = 1, the exact search, up to 512 latents) and R
-    stops at 32 (F/32 rows a step beyond 16,384 latents); it is resolved from the width each time, so
+    stops at 16 (F/16 rows a step beyond 8,192 latents); it is resolved from the width each time, so
     a copy of the Config at another width gets its own."""
-    assert [c2r.Config(n_latents=n, k=1).nbr_period() for n in (80, 512, 513, 8192, 16384, 16385, 2 ** 20)] == \
-        [1, 1, 2, 16, 32, 32, 32]
+    assert [c2r.Config(n_latents=n, k=1).nbr_period() for n in (80, 512, 513, 8192, 8193, 16384, 2 ** 20)] == \
+        [1, 1, 2, 16, 16, 16, 16]
     assert dataclasses.replace(c2r.Config(n_latents=80, k=1), n_latents=8192).nbr_period() == 16
     assert c2r.Config(n_latents=4096, nbr_every=1).nbr_period() == 1
     # the busiest latents met every step: h, at most F, none at R = 1 (exact already)
