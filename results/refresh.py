@@ -255,10 +255,11 @@ def cost():
     P, BW, D, B = 790e12, 4.8e12, 768, 4096
     ns = lambda flops, byts: 1e9 * (flops / P + byts / BW)      # noqa: E731
     step = ns(6 * B * D, 110 * D + 10 * B)
+    hot = lambda h: (2 * h * D + 8 * D, 6 * h + 18 * D)      # noqa: E731   (flops, bytes) of the hot set
     terms = {"our step": (6 * B * D, 110 * D + 10 * B), "search, 512 rows a step": (2 * 512 * D, 6 * D + 4 * 512),
              "search, 1,024 rows a step": (2 * 1024 * D, 6 * D + 4 * 1024),
              **{f"re-rank, m = {m}": (2 * m * D, (4 * m + 4) * D) for m in (4, 16)}, "penalty": (6 * D, 72 * D),
-             "hot set, h = 256": (2 * 256 * D + 8 * D, 6 * 256 + 18 * D),
+             "hot set, h = 256": hot(256),
              "heading": (10 * D, 16 * D), "check (nbr_err)": (2 * 512 * D // 50, 0)}
     print("| per latent and step | flops | bytes | ns at peak | % of our step |\n|---|---|---|---|---|")
     for name, (f, b) in terms.items():
@@ -286,7 +287,7 @@ def cost():
             f = 2 * c_of(F) * D + 2 * abs(m) * D * (abs(m) > 1) + 6 * D + (10 * D + 2 * 512 * D // 50) * (m < 0)
             b = 6 * D + 4 * c_of(F) + (4 * abs(m) + 4) * D * (abs(m) > 1) + 72 * D + 16 * D * (m < 0)
             if h:     # the hot set
-                f, b = f + 2 * h[0] * D + 8 * D, b + 6 * h[0] + 18 * D
+                f, b = f + hot(h[0])[0], b + hot(h[0])[1]
             cells.append(f"{100 * f / (6 * B * D):.1f} / {100 * ns(f, b) / step:.0f} %")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
