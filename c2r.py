@@ -229,7 +229,7 @@ class Config:
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
                                  # every step, the exact definition; 0 = ceil(F / 512), at most 16: 512 rows a step
-                                 # up to 8,192 latents, F/16 beyond. With nbr_hot 0.15-0.6 % off exact up to 16,384
+                                 # up to 8,192 latents, F/16 beyond. With nbr_hot 0.01-0.6 % off exact up to 16,384
                                  # latents over 300-600 steps, but 1.1 % late in a 1,000-step run: the error grows
                                  # along a run and with lr * R (results/refresh.md): long runs want a smaller R
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
