@@ -8,7 +8,8 @@ Speed of one SAE training step, side by side, and of c2r_loss alone (README, Spe
 The step rows, all TopK with the same SAE, optimiser and batch:
   ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
   ours + C²R      the same with C²R (lambda 5, alpha 1) and c2r.train's rolling neighbour search: F/R
-                  rows a step (R: Config's default, ceil(F / 512) up to 16, unless --nbr-every), m candidates
+                  rows a step (R: Config's default, min(ceil(F / 512), 16, sqrt(0.04 / lr)), unless --nbr-every; lr:
+                  --lr, by default 2e-4 / sqrt(F / 16,384) as dictionary_learning scales it), m candidates
                   and the h busiest latents' matches (--nbr-hot) re-ranked every step. After the timed
                   steps, --err-steps more measure how far its penalty is from the exact one (a fresh
                   full search), on the same decoder and codes
@@ -26,6 +27,7 @@ peak torch.cuda.max_memory_allocated on GPU, on CPU the growth of the process's 
 import argparse
 import itertools
 import json
+import math
 import os
 import resource
 import shlex
@@ -110,8 +112,9 @@ def penalty_error(sae, batches, errs, steps, start=0, also=None):
     """Wraps `batches` for c2r.train(sae, batches, on_step=...): at each step in `steps` appends to
     errs["train()"] the relative error |C²R(train()'s table) / C²R(exact table) - 1|, both on the
     decoder and codes of that step (the codes recomputed here, in fp32), and to errs[name] that of
-    each also[name](W, step), a search run alongside (W: that step's unit rows). `batches` start at
-    step `start`. Returns (batches, on_step)."""
+    each also[name](W, step), a search run alongside (W: that step's unit rows); and to errs["exact"],
+    where errs has that key, the exact penalty itself. `batches` start at step `start`. Returns
+    (batches, on_step)."""
     now = {}
 
     def wrapped():     # runs just before each step, on the SAE that step starts from
@@ -127,6 +130,8 @@ def penalty_error(sae, batches, errs, steps, start=0, also=None):
         if step in now:
             W, a_F, tables = now.pop(step)
             exact = c2r.c2r_penalty(a_F, W, c2r.nearest_neighbours(W)).item()
+            if "exact" in errs:
+                errs["exact"].append(exact)
             for name, table in {"train()": sae.nbr_F, **tables}.items():
                 got = c2r.c2r_penalty(a_F, W, table).item()
                 errs[name].append(abs(got / exact - 1) if exact > 0 else 0.0)
@@ -194,10 +199,14 @@ def step_row(a, row, n_latents):
 
 
 def step_config(a, n_latents, with_c2r, steps):
-    return c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k,
+    return c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k, lr=lr_of(a, n_latents),
                       c2r_lambda=a.c2r_lambda if with_c2r else 0.0, c2r_alpha=1.0, nbr_every=a.nbr_every,
                       nbr_cands=a.nbr_cands, nbr_hot=a.nbr_hot, steps=steps, warmup=0.0, decay=0.0,
                       log_every=10**9, seed=0, bf16=a.amp == "bf16")
+
+
+def lr_of(a, n_latents):     # the lr sets the default R; the speed of a step does not depend on it
+    return a.lr or 2e-4 / math.sqrt(n_latents / 16384)
 
 
 def batches_of(a, dev):      # 4 batches of Gaussian noise, cycled: the speed does not depend on the data
@@ -404,7 +413,9 @@ def parse(argv):
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--c2r-lambda", type=float, default=5.0, help="C²R lambda (the paper's)")
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
-                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 512), 16); 1: the exact search)")
+                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 512), 16, sqrt(0.04 / lr)); 1: exact)")
+    ap.add_argument("--lr", type=float, default=None, help="Adam's lr, which sets the default R; default "
+                    "2e-4 / sqrt(F / 16384)")
     ap.add_argument("--nbr-cands", type=int, default=c2r.Config.nbr_cands, help="m for `ours + C²R`")
     ap.add_argument("--nbr-hot", type=int, default=c2r.Config.nbr_hot, help="h for `ours + C²R` (0: none)")
     ap.add_argument("--err-steps", type=int, default=None, help="`ours + C²R`: steps whose penalty error is "
@@ -429,6 +440,8 @@ def parse(argv):
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     # before the defaults below: `or` would take an explicit 0 for "not given" and time something else
+    if a.lr is not None and not a.lr > 0:
+        ap.error(f"--lr must be > 0, got {a.lr}")
     for name in ("d_model", "batch", "k", "nbr_cands", "steps", "c2r_reps", "block"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -460,12 +473,12 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
     print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
-          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 16)'}, "
-          f"m={a.nbr_cands}, h={a.nbr_hot}")
+          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 16, sqrt(0.04 / lr))'}, "
+          f"m={a.nbr_cands}, h={a.nbr_hot}, lr {a.lr or '2e-4 / sqrt(F / 16384)'}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
     results = []
     for n in a.n_latents:
-        R = c2r.Config(n_latents=n, k=1, nbr_every=a.nbr_every).nbr_period()
+        R = step_config(a, n, True, 1).nbr_period()
         print(f"\n{n:,} latents: one training step ({a.steps} timed steps after {a.warmup} warmup; "
               f"C²R: R = {R}, {-(-n // R)} rows searched a step)")
         print(f"{'':>22} {'ms/step':>9} {'median':>8} {'tokens/s':>11} {mem:>30}")

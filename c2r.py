@@ -228,10 +228,10 @@ class Config:
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = ceil(F / 512), at most 16: 512 rows a step
-                                 # up to 8,192 latents, F/16 beyond. With nbr_hot 0.01-0.6 % off exact up to 16,384
-                                 # latents over 300-600 steps, but 1.1 % late in a 1,000-step run: the error grows
-                                 # along a run and with lr * R (results/refresh.md): long runs want a smaller R
+                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.04 / lr)): 512
+                                 # rows a step, and lr * R^2 <= 0.04: the search looks along each row's Adam step, so
+                                 # the table strays as the rows' paths bend over a period, ~lr R^2. 0.2 to 0.35 % off
+                                 # exact over runs of 1,000 steps at 4,096 to 16,384 latents (results/refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
                                  # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)
@@ -298,8 +298,8 @@ class Config:
                 got = getattr(self, name, f"{self.warmup} + {self.decay}")
                 raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
 
-    def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width gets its own
-        return self.nbr_every or min(-(-self.n_latents // 512), 16)
+    def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width or lr gets its own
+        return self.nbr_every or max(1, min(-(-self.n_latents // 512), 16, int(math.sqrt(0.04 / self.lr) + 1e-9)))
 
     def nbr_hot_count(self):     # the h in use: none at R = 1, where the table is exact already
         return min(self.nbr_hot, self.n_latents) if self.nbr_period() > 1 else 0

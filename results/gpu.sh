@@ -7,8 +7,9 @@
 #     ONLY="pieces wide" OUT=... bash ...      # only these parts (bench wide pieces profile gpt2)
 #
 # 1. bench.py at its GPU sizes (README, Speed): the step table at 24,576 and 65,536 latents and
-#    c2r_loss alone up to 131,072 (`ours + C²R`: the default rolling search, timed against its twin
-#    without C²R, and its penalty error); then that ratio and error at 4,096 / 262,144 / 1,048,576
+#    c2r_loss alone up to 131,072 (`ours + C²R`: the default rolling search, R = 15 / 16 at 24k /
+#    65k at bench.py's lr 2e-4 / sqrt(F / 16,384), timed against its twin without C²R, and its
+#    penalty error); then that ratio and error at 4,096 / 262,144 / 1,048,576
 #    latents (issue 12: <= 10 % of the step at every width; 1,048,576 without the error, whose exact
 #    fp32 searches alone take minutes); then the rolling search's per-step pieces (heading, slice search,
 #    rerank with the hot set, penalty) from 4,096 to 1,048,576 latents, at R = 1 (no hot set), and
@@ -55,7 +56,7 @@ cat "$OUT/env.txt"
 on bench && part 150 "$OUT/bench.txt" python3 bench.py --out "$OUT/bench.json" "${BENCH[@]}"
 WIDE=(--n-latents 4096 262144 --steps 20 --warmup 5 --err-steps 3) HUGE=(--n-latents 1048576 --steps 10 --warmup 3 --err-steps 0)
 PIECES=(--parts-latents 4096 24576 65536 262144 1048576) EXACT=(--parts-latents 4096 24576 65536)
-if [ -n "${SMALL:-}" ]; then     # 2,048: R = 2, the look-ahead runs
+if [ -n "${SMALL:-}" ]; then     # 2,048: R = 4, the look-ahead runs
     WIDE=(--n-latents 256 2048 --steps 3 --warmup 1 --err-steps 2) HUGE=(--n-latents 4096 --steps 2 --warmup 1 --err-steps 0)
     PIECES=(--parts-latents 256 2048) EXACT=(--parts-latents 256)
 fi

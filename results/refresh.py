@@ -5,8 +5,8 @@
     OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
     python results/refresh.py --cost                                              # the cost model's tables
 
-Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 512), 16), m = 16,
-h = 256; --hot 0 leaves the hot set out)
+Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 512), 16, sqrt(0.04 / lr)),
+m = 16, h = 256; --hot 0 leaves the hot set out)
 and before every step compares the C²R penalty of the table train() uses with the exact one (a
 fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
 --also runs other searches alongside on the same decoders, each keeping its own state as train()
@@ -22,7 +22,10 @@ searched, :speed by Adam's next steps), ivf:R:K:P[:m] (not exhaustive: the slice
 the members of their P nearest of K clusters, spherical k-means moved one Lloyd step a step, and
 their m candidates; ivf:R:1:1 is roll:R:16), full:R (a full search every R steps: the old default, R = 10)
 and lag:R (the exact table of R steps before). They answer "what if the width, so R, were larger?" on this run's
-trajectory. The table also shows train()'s own check, its log's nbr_err (512 rows). Every number: mean ± std over seeds."""
+trajectory. The table also shows train()'s own check, its log's nbr_err (512 rows), and the exact
+penalty's own size. --every s compares every s-th step only (s coprime to R covers every phase of the
+rolling search; the exact search dominates a step's time past 4,096 latents). Every number: mean ± std
+over seeds."""
 
 import argparse
 import os
@@ -214,9 +217,9 @@ def run(args, seed):
     torch.manual_seed(seed)
     sae = c2r.SAE(cfg)
     OPT.clear()
-    errs = {"train()": [], "nbr_err": [], **{s: [] for s in args.also}}
+    errs = {"train()": [], "nbr_err": [], "exact": [], **{s: [] for s in args.also}}
     also = {s: strategy(s, cfg.n_latents) for s in args.also}
-    batches, on_step = bench.penalty_error(sae, data, errs, range(cfg.steps), also=also)
+    batches, on_step = bench.penalty_error(sae, data, errs, range(0, cfg.steps, args.every), also=also)
 
     OPT["sae"] = sae
 
@@ -278,9 +281,14 @@ def cost():
                           ("R = 32, m = 128, heading, check", lambda F: F / 32, -128),
                           ("m = 4 R, R = sqrt(F / 4) (flops' best), heading, check", lambda F: (F * 4) ** 0.5,
                            lambda F: -4 * (F / 4) ** 0.5),
-                          ("**default: 512 rows, F/16 past 8,192 latents, m = 16, h = 256, heading, check**",
+                          ("eighth pass: 512 rows, F/16 past 8,192 latents, m = 16, h = 256, heading, check",
                            lambda F: F / min(-(-F // 512), 16), -16, 256),
-                          ("the same capped at R = 32", lambda F: F / min(-(-F // 512), 32), -16, 256)):
+                          ("the same capped at R = 32", lambda F: F / min(-(-F // 512), 32), -16, 256),
+                          ("**default: R = min(ceil(F / 512), 16, sqrt(0.04 / lr)), lr 2e-4 / sqrt(F / 16,384), m = 16, "
+                           "h = 256, heading, check**", lambda F: F / c2r.Config(
+                               n_latents=F, k=1, lr=2e-4 / (F / 16384) ** 0.5).nbr_period(), -16, 256),
+                          ("the default at lr 1e-3 (R = 6)", lambda F: F / c2r.Config(
+                               n_latents=F, k=1, lr=1e-3).nbr_period(), -16, 256)):
         cells, m_of = [], m
         for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)
             m = m_of(F) if callable(m_of) else m_of
@@ -331,6 +339,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=None, help="npy: use the first N rows; --harvest: how many")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cost", action="store_true", help="print the cost model's table and stop")
+    ap.add_argument("--every", type=int, default=1, help="compare every this many steps (1: all)")
     ap.add_argument("--out", default=None, help="also save every step's errors to this .npz")
     ap.add_argument("--harvest", default=None, help="write --tokens activations to this .npy and stop")
     ap.add_argument("--text", default="/work/data/text", help="--harvest: a folder of .txt files")
@@ -356,12 +365,17 @@ def main():
     print("| table | " + " | ".join(f"steps {lo}-{hi - 1}" for lo, hi in phases) + " | all steps | max step |")
     print("|---" * (len(phases) + 3) + "|")
     for s in runs[0][1]:
-        e = [r[1][s] for r in runs]    # e[i][t]: step t of seed i
-        cells = [np.array([100 * x[lo:hi].mean() for x in e]) for lo, hi in phases + [(0, n)]]
-        cells.append(np.array([100 * x.max() for x in e]))
+        e = [r[1][s] for r in runs]    # e[i][t]: the t-th compared step of seed i (nbr_err: every step)
+        t = np.arange(n) if s == "nbr_err" else np.arange(0, n, args.every)
+        cells = [np.array([x[(t >= lo) & (t < hi)].mean() for x in e]) for lo, hi in phases + [(0, n)]]
+        cells.append(np.array([x.max() for x in e]))
+        if s == "exact":
+            exact = cells
+            continue
         name = {"train()": f"train(): R = {cfg.nbr_period()}, m = {cfg.nbr_cands}",
                 "nbr_err": "train()'s log: nbr_err (512 rows)"}.get(s, s)
-        print(f"| {name} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f}" for v in cells) + " |")
+        print(f"| {name} | " + " | ".join(f"{100 * v.mean():.3f} ± {100 * v.std():.3f}" for v in cells) + " |")
+    print("| the exact penalty itself (not %) | " + " | ".join(f"{v.mean():.4g} ± {v.std():.2g}" for v in exact) + " |")
     for s, f in MET.items():
         print(f"{s}: each searched row met {100 * np.mean(f):.1f} % of the dictionary (its P clusters and m candidates)")
 

@@ -51,12 +51,23 @@ def test_chunked_c2r_with_one_chunk_is_c2r():
                                   ["--nbr-cands", "0"], ["--nbr-hot", "-1"], ["--block", "0"], ["--err-steps", "-1"],
                                   ["--d-model", "0"], ["--c2r-reps", "0"], ["--warmup", "-1"],
                                   ["--n-latents", "1"], ["--c2r-latents", "64", "0"],
-                                  ["--parts-latents", "1"]])
+                                  ["--parts-latents", "1"], ["--lr", "0"]])
 def test_bad_flags_stop_at_once(argv, capsys):
     """An explicit 0 used to be taken for 'not given' (`a.steps or 10`) and quietly replaced."""
     with pytest.raises(SystemExit) as e:
         bench.parse(["--device", "cpu", *argv])
     assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_default_period_follows_the_lr():
+    """The step table times the default R at the lr it would train with: --lr, else
+    dictionary_learning's 2e-4 / sqrt(F / 16384), so R = 8 / 11 / 14 / 16 at 4,096 / 8,192 / 16,384 / 65,536 latents."""
+    a, _ = bench.parse(["--device", "cpu"])
+    assert [bench.step_config(a, n, True, 1).nbr_period() for n in (512, 4096, 8192, 16384, 65536)] == [1, 8, 11, 14, 16]
+    a, _ = bench.parse(["--device", "cpu", "--lr", "1e-3"])
+    assert bench.step_config(a, 65536, True, 1).nbr_period() == 6
+    a, _ = bench.parse(["--device", "cpu", "--lr", "1e-3", "--nbr-every", "7"])
+    assert bench.step_config(a, 65536, True, 1).nbr_period() == 7
 
 
 def test_refresh_ivf_probing_every_cluster_is_the_slice():
