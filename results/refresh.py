@@ -345,6 +345,8 @@ def main():
     ap.add_argument("--text", default="/work/data/text", help="--harvest: a folder of .txt files")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.every < 1:
+        ap.error(f"--every must be >= 1, got {args.every}")
     if args.cost:
         return cost()
     if args.harvest:
