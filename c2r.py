@@ -230,7 +230,7 @@ class Config:
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
                                  # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.04 / lr)): 512
                                  # rows a step, and lr * R^2 <= 0.04: the search looks along each row's Adam step, so
-                                 # the table strays as the rows' paths bend over a period, ~lr R^2. 0.20 and 0.31 %
+                                 # the table strays as the rows' paths bend over a period, ~lr R^2. 0.21 and 0.31 %
                                  # off exact over 1,000 steps at 4,096 and 8,192 latents; 0.34 % at 16,384 with R = 16
                                  # (results/refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
