@@ -199,14 +199,14 @@ def step_row(a, row, n_latents):
 
 
 def step_config(a, n_latents, with_c2r, steps):
-    return c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k, lr=lr_of(a, n_latents),
+    return c2r.Config(d_model=a.d_model, n_latents=n_latents, kind="topk", k=a.k, lr=lr_of(a.lr, n_latents),
                       c2r_lambda=a.c2r_lambda if with_c2r else 0.0, c2r_alpha=1.0, nbr_every=a.nbr_every,
                       nbr_cands=a.nbr_cands, nbr_hot=a.nbr_hot, steps=steps, warmup=0.0, decay=0.0,
                       log_every=10**9, seed=0, bf16=a.amp == "bf16")
 
 
-def lr_of(a, n_latents):     # the lr sets the default R; the speed of a step does not depend on it
-    return a.lr or 2e-4 / math.sqrt(n_latents / 16384)
+def lr_of(lr, n_latents):     # the lr sets the default R; the speed of a step does not depend on it
+    return lr or 2e-4 / math.sqrt(n_latents / 16384)     # None: dictionary_learning's
 
 
 def batches_of(a, dev):      # 4 batches of Gaussian noise, cycled: the speed does not depend on the data

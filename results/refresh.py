@@ -286,7 +286,7 @@ def cost():
                           ("the same capped at R = 32", lambda F: F / min(-(-F // 512), 32), -16, 256),
                           ("**default: R = min(ceil(F / 512), 16, sqrt(0.04 / lr)), lr 2e-4 / sqrt(F / 16,384), m = 16, "
                            "h = 256, heading, check**", lambda F: F / c2r.Config(
-                               n_latents=F, k=1, lr=2e-4 / (F / 16384) ** 0.5).nbr_period(), -16, 256),
+                               n_latents=F, k=1, lr=bench.lr_of(None, F)).nbr_period(), -16, 256),
                           ("the default at lr 1e-3 (R = 6)", lambda F: F / c2r.Config(
                                n_latents=F, k=1, lr=1e-3).nbr_period(), -16, 256)):
         cells, m_of = [], m
