@@ -20,7 +20,10 @@ travelled furthest since their last search, on heading(H), each offering itself 
 found; :rr the rolling slice instead, :norev no offers, :disp by the distance from where the row was
 searched, :speed by Adam's next steps), ivf:R:K:P[:m] (not exhaustive: the slice's rows meet only
 the members of their P nearest of K clusters, spherical k-means moved one Lloyd step a step, and
-their m candidates; ivf:R:1:1 is roll:R:16), full:R (a full search every R steps: the old default, R = 10)
+their m candidates; ivf:R:1:1 is roll:R:16), act:R:m[:rr][:cube][:oneH][:flat][:nohot] (n/R rows a step as
+train() searches them, on the heading over each row's own period, re-ranked with the hot set: the rows of
+largest (w + w.mean()/10) * age^2, w an EMA of a_i; :cube age^3, :oneH the heading over R - 1 for all, :rr
+the rolling slice, which is train()'s own search), full:R (a full search every R steps: the old default, R = 10)
 and lag:R (the exact table of R steps before). They answer "what if the width, so R, were larger?" on this run's
 trajectory. The table also shows train()'s own check, its log's nbr_err (512 rows), and the exact
 penalty's own size. --every s compares every s-th step only (s coprime to R covers every phase of the
@@ -50,6 +53,14 @@ def offer_(C, W, tgt, src, val):
     worst, w = torch.bmm(W[C[tgt]], W[tgt][:, :, None])[..., 0].min(1)
     new = (val > worst) & (C[tgt] != src[:, None]).all(1)
     C[tgt[new], w[new]] = src[new]
+
+
+def pick(w_F, age_F, b, power=2):
+    """The b rows act:... searches at a step: the largest (w + mean(w) / 10) * age^power, w an EMA of
+    the rows' a_i, age the steps since each row's search. The penalty's error grows as lr R^2 weighted
+    by a; power 3 gives R ~ w^-1/3, what minimises sum w R^2 for b searches a step; the floor (a tenth
+    of the mean weight) renews a silent row too, rarely."""
+    return ((w_F + 0.1 * w_F.mean()) * age_F ** power).topk(b).indices
 
 
 def strategy(spec, n):
@@ -173,6 +184,32 @@ def strategy(spec, n):
         MET.setdefault(spec, []).append(((torch.bincount(a, minlength=K)[probe].sum(1) + m) / n).mean().item())
         return c2r.rerank(W, st["C"], unit_rows=True)
 
+    def act(W, t):            # act:R:m[:rr][:cube][:oneH][:flat][:nohot]: n/R rows a step, chosen by priority
+        m, b, sae = int(p[1]), max(1, n // R), OPT["sae"]
+        with torch.no_grad():     # this step's norms, as penalty_error computes them
+            a = torch.linalg.vector_norm(sae.encode(OPT["x"]), dim=0)
+        if "C" not in st:
+            st["C"] = c2r.search_rows_(W, torch.full((n, m), -1), 0, n, unit_rows=True)
+            st["age"], st["w"] = torch.zeros(n), a.clone()
+        st["w"].lerp_(a, 0.05)
+        st["age"] += 1
+        if "rr" in p:             # train()'s own search: the rolling slice, the heading over R - 1 steps
+            rows = torch.arange(*span(t))
+            H = torch.full((len(rows),), R - 1.0)
+        else:                     # each row looks ahead over the period it just had (the one expected
+            rows = pick(torch.ones(n) if "flat" in p else st["w"], st["age"], b, 3 if "cube" in p else 2)
+            H = st["age"][rows] - 1   # next), rounded to a power of 2 so that a few headings serve all
+            H = torch.full((b,), R - 1.0) if "oneH" in p else \
+                torch.where(H > 0, torch.exp2(torch.log2(H.clamp(min=1)).round()), 0.0)
+        st["age"][rows] = 0
+        for h in H.unique().tolist() if "opt" in OPT else []:
+            r = rows[H == h]
+            P = c2r.heading(sae.W_dec_FD, OPT["opt"], h)
+            cos = P[r] @ P.T
+            cos[torch.arange(len(r)), r] = -float("inf")
+            st["C"][r] = c2r.top_m(cos, m).sort(dim=1).values
+        return c2r.rerank(W, st["C"], unit_rows=True, hot_H=None if "nohot" in p else a.topk(256).indices)
+
     def lag(W, t):            # the exact table of R steps before
         st.setdefault("T", []).append(c2r.nearest_neighbours(W))
         return st["T"][max(0, t - R)]
@@ -181,7 +218,7 @@ def strategy(spec, n):
         if t % R == 0 or "T" not in st:
             st["T"] = c2r.nearest_neighbours(W)
         return st["T"]
-    return dict(roll=roll, full=full, lag=lag, pred=pred, adam=adam, prio=prio, ivf=ivf)[name]
+    return dict(roll=roll, full=full, lag=lag, pred=pred, adam=adam, prio=prio, ivf=ivf, act=act)[name]
 
 
 def data_of(args, seed):
@@ -219,7 +256,11 @@ def run(args, seed):
     OPT.clear()
     errs = {"train()": [], "nbr_err": [], "exact": [], **{s: [] for s in args.also}}
     also = {s: strategy(s, cfg.n_latents) for s in args.also}
-    batches, on_step = bench.penalty_error(sae, data, errs, range(0, cfg.steps, args.every), also=also)
+    def remember(gen):        # the batch of the step, for act:...
+        for x in gen:
+            OPT["x"] = x
+            yield x
+    batches, on_step = bench.penalty_error(sae, remember(data), errs, range(0, cfg.steps, args.every), also=also)
 
     OPT["sae"] = sae
 

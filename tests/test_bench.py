@@ -130,3 +130,30 @@ def test_refresh_two_lists():
         assert torch.equal(same(W, t), roll(W, t)) and torch.equal(every(W, t), exact)
         hits += (third(W, t) == exact).sum().item()
     assert hits < 9 * 96, hits
+
+
+def test_refresh_priority_search_renews_busy_rows_often_and_every_row():
+    """results/refresh.py's act:... schedule (refresh.md, eleventh pass): b distinct rows a step, the
+    busy rows (large w) renewed more often than the silent ones by about (w ratio)^(1/power) (the
+    silent ones weigh the floor, a tenth of the mean w), and every row renewed again and again."""
+    sys.path.insert(0, os.path.join(ROOT, "results"))
+    import refresh
+    n, b = 64, 4
+    w = torch.cat([torch.full((8,), 512.0), torch.zeros(56)])       # 8 busy rows, 56 silent
+    ratios = []
+    for power in (2, 3):
+        age, last, periods = torch.zeros(n), torch.zeros(n), [[] for _ in range(n)]
+        for t in range(1, 601):
+            age += 1
+            rows = refresh.pick(w, age, b, power)
+            assert len(rows.unique()) == b
+            for r in rows.tolist():
+                periods[r].append(t - last[r].item())
+                last[r] = t
+            age[rows] = 0
+        assert min(len(p) for p in periods) >= 10
+        busy, silent = (sum(sum(p[-10:]) / 10 for p in ps) / len(ps) for ps in (periods[:8], periods[8:]))
+        ratios.append(silent / busy)
+        want = ((512 + 6.4) / 6.4) ** (1 / power)     # periods are whole steps: within 25 %
+        assert 0.75 * want < ratios[-1] < 1.25 * want, (power, busy, silent, want)
+    assert ratios[1] < ratios[0]
