@@ -186,8 +186,10 @@ def strategy(spec, n):
 
     def act(W, t):            # act:R:m[:rr][:cube][:oneH][:flat][:nohot]: n/R rows a step, chosen by priority
         m, b, sae = int(p[1]), max(1, n // R), OPT["sae"]
-        with torch.no_grad():     # this step's norms, as penalty_error computes them
-            a = torch.linalg.vector_norm(sae.encode(OPT["x"]), dim=0)
+        if OPT.get("a_at") != t:  # this step's norms, as penalty_error computes them: once for every act:...
+            with torch.no_grad():
+                OPT["a"], OPT["a_at"] = torch.linalg.vector_norm(sae.encode(OPT["x"]), dim=0), t
+        a = OPT["a"]
         if "C" not in st:
             st["C"] = c2r.search_rows_(W, torch.full((n, m), -1), 0, n, unit_rows=True)
             st["age"], st["w"] = torch.zeros(n), a.clone()
