@@ -230,9 +230,9 @@ class Config:
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
                                  # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.04 / lr)): 512
                                  # rows a step, and lr * R^2 <= 0.04: the search looks along each row's Adam step, so
-                                 # the table strays as the rows' paths bend over a period, ~lr R^2. 0.21 and 0.31 %
-                                 # off exact over 1,000 steps at 4,096 and 8,192 latents; 0.34 % at 16,384 with R = 16
-                                 # (results/refresh.md)
+                                 # the table strays as the rows' paths bend over a period, ~lr R^2. 0.21 / 0.31 / 0.27 %
+                                 # off exact over 1,000 steps at 4,096 / 8,192 / 16,384 latents (k 16, lambda 5; more
+                                 # at larger k and lambda, results/refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
                                  # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)
