@@ -258,6 +258,7 @@ def run(args, seed):
     OPT.clear()
     errs = {"train()": [], "nbr_err": [], "exact": [], **{s: [] for s in args.also}}
     also = {s: strategy(s, cfg.n_latents) for s in args.also}
+
     def remember(gen):        # the batch of the step, for act:...
         for x in gen:
             OPT["x"] = x
