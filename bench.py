@@ -8,7 +8,7 @@ Speed of one SAE training step, side by side, and of c2r_loss alone (README, Spe
 The step rows, all TopK with the same SAE, optimiser and batch:
   ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
   ours + C²R      the same with C²R (lambda 5, alpha 1) and c2r.train's rolling neighbour search: F/R
-                  rows a step (R: Config's default, min(ceil(F / 512), 16, sqrt(0.04 / lr)), unless --nbr-every; lr:
+                  rows a step (R: Config's default, min(ceil(F / 512), 16, sqrt(0.02 / lr)), unless --nbr-every; lr:
                   --lr, by default 2e-4 / sqrt(F / 16,384) as dictionary_learning scales it), m candidates
                   and the h busiest latents' matches (--nbr-hot) re-ranked every step. After the timed
                   steps, --err-steps more measure how far its penalty is from the exact one (a fresh
@@ -413,7 +413,7 @@ def parse(argv):
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--c2r-lambda", type=float, default=5.0, help="C²R lambda (the paper's)")
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
-                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 512), 16, sqrt(0.04 / lr)); 1: exact)")
+                    help="R for `ours + C²R` (Config's default: 0, min(ceil(F / 512), 16, sqrt(0.02 / lr)); 1: exact)")
     ap.add_argument("--lr", type=float, default=None, help="Adam's lr, which sets the default R; default "
                     "2e-4 / sqrt(F / 16384)")
     ap.add_argument("--nbr-cands", type=int, default=c2r.Config.nbr_cands, help="m for `ours + C²R`")
@@ -473,7 +473,7 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads or torch.get_num_threads()} threads"
     print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
-          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 16, sqrt(0.04 / lr))'}, "
+          f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 16, sqrt(0.02 / lr))'}, "
           f"m={a.nbr_cands}, h={a.nbr_hot}, lr {a.lr or '2e-4 / sqrt(F / 16384)'}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
     results = []

@@ -228,11 +228,11 @@ class Config:
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.04 / lr)): 512
-                                 # rows a step, and lr * R^2 <= 0.04: the search looks along each row's Adam step, so
-                                 # the table strays as the rows' paths bend over a period, ~lr R^2. 0.21 / 0.31 / 0.27 %
-                                 # off exact over 1,000 steps at 4,096 / 8,192 / 16,384 latents (k 16, lambda 5; more
-                                 # at larger k and lambda, results/refresh.md)
+                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.02 / lr)): 512
+                                 # rows a step, and lr * R^2 <= 0.02: the search looks along each row's Adam step, so
+                                 # the table strays as the rows' paths bend over a period, ~lr R^2, and more as a run
+                                 # goes on: at 8,192 latents R = 8 is 0.21 % off exact over 3,000 steps, R = 11 0.70 %
+                                 # (1.1 % late). More at larger k and lambda, less at larger F (results/refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
                                  # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)
@@ -300,7 +300,7 @@ class Config:
                 raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
 
     def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width or lr gets its own
-        return self.nbr_every or max(1, min(-(-self.n_latents // 512), 16, int(math.sqrt(0.04 / self.lr) + 1e-9)))
+        return self.nbr_every or max(1, min(-(-self.n_latents // 512), 16, int(math.sqrt(0.02 / self.lr) + 1e-9)))
 
     def nbr_hot_count(self):     # the h in use: none at R = 1, where the table is exact already
         return min(self.nbr_hot, self.n_latents) if self.nbr_period() > 1 else 0

@@ -386,7 +386,7 @@ def parser():
     ap.add_argument("--n-eval", type=int, default=8192, help="held-out samples the metrics are computed on")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--nbr-every", type=int, default=c2r.Config.nbr_every,
-                    help="C²R search period R: F/R rows searched a step (1: exact; 0: min(ceil(F / 512), 16, sqrt(0.04 / lr)))")
+                    help="C²R search period R: F/R rows searched a step (1: exact; 0: min(ceil(F / 512), 16, sqrt(0.02 / lr)))")
     ap.add_argument("--sweep", action="store_true", help="trade-off curves: every method across its knob")
     ap.add_argument("--compare", action="store_true", help="BatchTopK, Matryoshka ± C²R on 2 toys, with stability")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")

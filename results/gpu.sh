@@ -7,7 +7,7 @@
 #     ONLY="pieces wide" OUT=... bash ...      # only these parts (bench wide pieces profile gpt2)
 #
 # 1. bench.py at its GPU sizes (README, Speed): the step table at 24,576 and 65,536 latents and
-#    c2r_loss alone up to 131,072 (`ours + C²R`: the default rolling search, R = 15 / 16 at 24k /
+#    c2r_loss alone up to 131,072 (`ours + C²R`: the default rolling search, R = 11 / 14 at 24k /
 #    65k at bench.py's lr 2e-4 / sqrt(F / 16,384), timed against its twin without C²R, and its
 #    penalty error); then that ratio and error at 4,096 / 262,144 / 1,048,576
 #    latents (issue 12: <= 10 % of the step at every width; 1,048,576 without the error, whose exact

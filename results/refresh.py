@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python results/refresh.py --data acts.npy --n-latents 4096 --kind batchtopk --k 16 ...
     python results/refresh.py --cost                                              # the cost model's tables
 
-Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 512), 16, sqrt(0.04 / lr)),
+Trains one SAE with c2r.train as configured (default: Config's own search, R = min(ceil(F / 512), 16, sqrt(0.02 / lr)),
 m = 16, h = 256; --hot 0 leaves the hot set out)
 and before every step compares the C²R penalty of the table train() uses with the exact one (a
 fresh full search), on the same decoder and codes: |C²R(table) / C²R(exact) - 1| (bench.penalty_error).
@@ -328,10 +328,10 @@ def cost():
                           ("eighth pass: 512 rows, F/16 past 8,192 latents, m = 16, h = 256, heading, check",
                            lambda F: F / min(-(-F // 512), 16), -16, 256),
                           ("the same capped at R = 32", lambda F: F / min(-(-F // 512), 32), -16, 256),
-                          ("**default: R = min(ceil(F / 512), 16, sqrt(0.04 / lr)), lr 2e-4 / sqrt(F / 16,384), m = 16, "
+                          ("**default: R = min(ceil(F / 512), 16, sqrt(0.02 / lr)), lr 2e-4 / sqrt(F / 16,384), m = 16, "
                            "h = 256, heading, check**", lambda F: F / c2r.Config(
                                n_latents=F, k=1, lr=bench.lr_of(None, F)).nbr_period(), -16, 256),
-                          ("the default at lr 1e-3 (R = 6)", lambda F: F / c2r.Config(
+                          ("the default at lr 1e-3 (R = 4)", lambda F: F / c2r.Config(
                                n_latents=F, k=1, lr=1e-3).nbr_period(), -16, 256)):
         cells, m_of = [], m
         for F in WIDTHS:     # search + re-rank + penalty (+ heading and check: m < 0)

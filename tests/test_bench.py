@@ -61,12 +61,12 @@ def test_bad_flags_stop_at_once(argv, capsys):
 
 def test_default_period_follows_the_lr():
     """The step table times the default R at the lr it would train with: --lr, else
-    dictionary_learning's 2e-4 / sqrt(F / 16384), so R = 8 / 11 / 14 / 16 at 4,096 / 8,192 /
+    dictionary_learning's 2e-4 / sqrt(F / 16384), so R = 7 / 8 / 10 / 14 at 4,096 / 8,192 /
     16,384 / 65,536 latents."""
     a, _ = bench.parse(["--device", "cpu"])
-    assert [bench.step_config(a, n, True, 1).nbr_period() for n in (512, 4096, 8192, 16384, 65536)] == [1, 8, 11, 14, 16]
+    assert [bench.step_config(a, n, True, 1).nbr_period() for n in (512, 4096, 8192, 16384, 65536)] == [1, 7, 8, 10, 14]
     a, _ = bench.parse(["--device", "cpu", "--lr", "1e-3"])
-    assert bench.step_config(a, 65536, True, 1).nbr_period() == 6
+    assert bench.step_config(a, 65536, True, 1).nbr_period() == 4
     a, _ = bench.parse(["--device", "cpu", "--lr", "1e-3", "--nbr-every", "7"])
     assert bench.step_config(a, 65536, True, 1).nbr_period() == 7
 

@@ -288,15 +288,15 @@ def test_bad_config():
 
 def test_default_search_period_follows_width_and_lr():
     """nbr_every = 0 searches 512 rows a step (R = ceil(F / 512); R = 1, the exact search, up to 512
-    latents), R <= 16, and lr * R^2 <= 0.04 (R >= 1); it is resolved from the width and the lr each
+    latents), R <= 16, and lr * R^2 <= 0.02 (R >= 1); it is resolved from the width and the lr each
     time, so a copy of the Config at another width or lr gets its own."""
     P = lambda n, lr: c2r.Config(n_latents=n, k=1, lr=lr).nbr_period()     # noqa: E731
-    assert [P(n, 1e-4) for n in (80, 512, 513, 8192, 8193, 16384, 2 ** 20)] == [1, 1, 2, 16, 16, 16, 16]
-    assert [P(2 ** 20, lr) for lr in (1.0, 1e-2, 1e-3, 4e-4, 2.83e-4, 2e-4, 1e-4)] == [1, 2, 6, 10, 11, 14, 16]
-    # dictionary_learning's lr, 2e-4 / sqrt(F / 16384): R = 8 / 11 / 14 at 4,096 / 8,192 / 16,384 latents
-    assert [P(n, 2e-4 / math.sqrt(n / 16384)) for n in (2048, 4096, 8192, 16384, 2 ** 20)] == [4, 8, 11, 14, 16]
-    assert dataclasses.replace(c2r.Config(n_latents=80, k=1, lr=2e-4), n_latents=8192).nbr_period() == 14
-    assert dataclasses.replace(c2r.Config(n_latents=8192, k=1, lr=2e-4), lr=1e-3).nbr_period() == 6
+    assert [P(n, 1e-4) for n in (80, 512, 513, 8192, 8193, 16384, 2 ** 20)] == [1, 1, 2, 14, 14, 14, 14]
+    assert [P(2 ** 20, lr) for lr in (1.0, 1e-2, 1e-3, 4e-4, 2.83e-4, 2e-4, 1e-4, 5e-5)] == [1, 1, 4, 7, 8, 10, 14, 16]
+    # dictionary_learning's lr, 2e-4 / sqrt(F / 16384): R = 7 / 8 / 10 at 4,096 / 8,192 / 16,384 latents
+    assert [P(n, 2e-4 / math.sqrt(n / 16384)) for n in (2048, 4096, 8192, 16384, 2 ** 20)] == [4, 7, 8, 10, 16]
+    assert dataclasses.replace(c2r.Config(n_latents=80, k=1, lr=2e-4), n_latents=8192).nbr_period() == 10
+    assert dataclasses.replace(c2r.Config(n_latents=8192, k=1, lr=2e-4), lr=1e-3).nbr_period() == 4
     assert c2r.Config(n_latents=4096, nbr_every=1, lr=1e-5).nbr_period() == 1
     # the busiest latents met every step: h, at most F, none at R = 1 (exact already)
     assert [c2r.Config(n_latents=n, k=1).nbr_hot_count() for n in (80, 512, 513, 8192)] == [0, 0, 256, 256]
