@@ -22,6 +22,7 @@ import numbers
 import os
 import pickle
 import re
+import socket
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -223,12 +224,13 @@ class Config:
     l1_coeff: float = 1e-3       # relu only: weight of the plain L1 of the codes. The decoder rows are kept at
                                  # unit norm, so this is also the "decoder-norm-weighted" L1 [per unit of code]
     prefixes: tuple = ()         # matryoshka only: nested sizes m_1 < m_2 < ... [latents]; n_latents is appended
+                                 # (so replace(cfg, n_latents=...) keeps the old one as a prefix: give prefixes too)
     # C²R
     c2r_lambda: float = 0.0      # weight of C²R in the loss; 0 = the baseline (no neighbour search at all)
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.02 / lr)): 512
+                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.02 / lr)): >= 512
                                  # rows a step, and lr * R^2 <= 0.02: the search looks along each row's Adam step, so
                                  # the table strays as the rows' paths bend over a period, ~lr R^2, and more as a run
                                  # goes on: at 8,192 latents R = 8 is 0.21 % off exact over 3,000 steps, R = 11 0.70 %
@@ -325,8 +327,8 @@ class SAE(nn.Module):
         self.register_buffer("nbr_cand_FM", torch.full((Fn, max(1, min(cfg.nbr_cands, Fn - 1))), -1))
 
     def check(self, x_BD):
-        if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_model:
-            raise ValueError(f"expected activations of shape [batch, d_model={self.cfg.d_model}], "
+        if x_BD.ndim != 2 or x_BD.shape[1] != self.cfg.d_model or x_BD.shape[0] == 0:
+            raise ValueError(f"expected activations of shape [batch >= 1, d_model={self.cfg.d_model}], "
                              f"got {tuple(x_BD.shape)}")
 
     def pre_acts(self, x_BD):
@@ -683,11 +685,16 @@ def dead_fraction(acts_NF):   # fraction of latents that never fire on these sam
     return ((acts_NF != 0).sum(0) == 0).float().mean()
 
 
+def tmp_name(path, pid=None):     # the temp file beside path: this host's and pid's, so no one else's is taken
+    return f"{path}.c2r-tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
 def remove_stale_tmp(folder):
-    """Delete the `*.tmp<pid>` files of writers killed mid-write (a live pid's may be being written:
-    it stays). POSIX only: there os.kill(pid, 0) asks whether pid exists; on Windows it kills."""
+    """Delete the temp files (tmp_name) this host's writers left when killed mid-write (a live pid's
+    may be being written: it stays; other hosts' and other programs' files are not ours to judge).
+    POSIX only: there os.kill(pid, 0) asks whether pid exists; on Windows it kills."""
     for name in os.listdir(folder) if os.name == "posix" else ():
-        m = re.fullmatch(r".+\.tmp(\d+)", name)
+        m = re.fullmatch(rf".+\.c2r-tmp-{re.escape(socket.gethostname())}-(\d+)", name)
         if m and int(m[1]) != os.getpid():
             try:
                 os.kill(int(m[1]), 0)
@@ -698,13 +705,24 @@ def remove_stale_tmp(folder):
                 pass
 
 
+def fsync(path):     # a power cut can write the rename to disk before the data: flush the data first
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write):
-    """write(tmp), then rename tmp onto path: a crash never leaves half a file behind. The temp
-    file sits beside path, on the same filesystem, which is what makes os.replace atomic."""
-    remove_stale_tmp(os.path.dirname(os.path.abspath(path)))
-    tmp = f"{path}.tmp{os.getpid()}"
+    """write(tmp), fsync, then rename tmp onto path and fsync the folder: a crash or a power cut
+    leaves the old file or the new one, never half of one. The temp file sits beside path, on the
+    same filesystem, which is what makes os.replace atomic."""
+    folder = os.path.dirname(os.path.abspath(path))
+    remove_stale_tmp(folder)
+    tmp = tmp_name(path)
     try:
         write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -712,6 +730,9 @@ def atomic_write(path, write):
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, "no space left on the device to write", str(path)) from None
         raise
+    if os.name == "posix":
+        with contextlib.suppress(OSError):     # some filesystems cannot sync a folder: the data is safe
+            fsync(folder)
 
 
 def digest(obj):

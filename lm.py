@@ -378,7 +378,7 @@ def fill_cache(folder, settings, rows, harvest_fn, n_rows, scale, say):
         elif os.path.exists(man_path):          # too short: extend it, incomplete meanwhile
             os.unlink(man_path)
         for f in os.listdir(folder):            # what a killed process left half-written
-            if ".tmp" in f:
+            if ".c2r-tmp-" in f:            # c2r.tmp_name
                 os.unlink(os.path.join(folder, f))
     barrier()
     per, T1 = settings["shard_rows"], settings["ctx"] - 1

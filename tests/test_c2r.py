@@ -379,6 +379,9 @@ def test_bad_batches():
     sae = make("topk")
     with pytest.raises(ValueError, match="d_model=8"):
         c2r.train(sae, iter([torch.randn(4, 7)]), progress=False)
+    for kind in ("topk", "batchtopk", "relu"):         # an empty batch (a loader's last) named, not a NaN or a torch error
+        with pytest.raises(ValueError, match=r"batch >= 1.*got \(0, 8\)"):
+            c2r.train(make(kind, steps=2), iter([torch.randn(4, 8), torch.zeros(0, 8)]), progress=False)
     x = torch.randn(16, 8)
     x[3, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):

@@ -117,21 +117,40 @@ def test_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
 
 
 def test_next_write_removes_temp_files_of_dead_writers(tmp_path):
-    """A writer killed mid-write (SIGKILL, power cut) never runs atomic_write's cleanup: its
-    `*.tmp<pid>` stayed forever. The next write into the folder removes those of dead pids, and
-    leaves those of live ones (they may be writing right now)."""
+    """A writer killed mid-write (SIGKILL, power cut) never runs atomic_write's cleanup: its temp
+    file stayed forever. The next write into the folder removes this host's of dead pids, and
+    leaves those of live ones (they may be writing right now), other hosts' (their pids mean
+    nothing here) and other programs' `*.tmp<n>`."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ours = lambda name, pid: os.path.basename(c2r.tmp_name(name, pid))     # noqa: E731
+    others = ["notes.tmp", f"report.tmp{dead}", f"sae.pt.c2r-tmp-otherhost-{dead}"]
     try:
-        for name in (f"sae.pt.tmp{dead}", f"results.json.tmp{dead}", f"sae.pt.tmp{alive.pid}", "notes.tmp"):
+        for name in [ours("sae.pt", dead), ours("results.json", dead), ours("sae.pt", alive.pid), *others]:
             (tmp_path / name).write_text("left behind")
         c2r.atomic_write(tmp_path / "x.txt", lambda tmp: open(tmp, "w").write("x"))
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.tmp", f"sae.pt.tmp{alive.pid}", "x.txt"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, ours("sae.pt", alive.pid), "x.txt"])
         saved(tmp_path)                                 # save() goes through atomic_write too
-        assert (tmp_path / f"sae.pt.tmp{alive.pid}").exists()
+        assert (tmp_path / ours("sae.pt", alive.pid)).exists()
     finally:
         alive.kill()
         alive.wait()
     saved(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "sae.pt", "x.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "sae.pt", "x.txt"])
+
+
+def test_atomic_write_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    """os.replace alone can reach the disk before the file's data (a power cut then leaves an empty
+    or half file under the old name): the temp file is fsynced first, then the folder."""
+    events, real_replace = [], os.replace
+    monkeypatch.setattr(c2r, "fsync", lambda p: events.append(("fsync", os.path.basename(p))))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))),
+                                                      real_replace(a, b)))
+    c2r.atomic_write(tmp_path / "x.txt", lambda tmp: open(tmp, "w").write("x"))
+    tmp = os.path.basename(c2r.tmp_name(tmp_path / "x.txt"))
+    assert events == [("fsync", tmp), ("replace", "x.txt"), ("fsync", tmp_path.name)]
+    assert (tmp_path / "x.txt").read_text() == "x"
+    monkeypatch.undo()
+    c2r.fsync(tmp_path / "x.txt")                       # the real one, on a file and on a folder
+    c2r.fsync(tmp_path)
