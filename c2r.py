@@ -706,7 +706,7 @@ def remove_stale_tmp(folder):
 
 
 def fsync(path):     # a power cut can write the rename to disk before the data: flush the data first
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)     # Windows syncs only a writable file
     try:
         os.fsync(fd)
     finally:
