@@ -234,7 +234,7 @@ class Config:
                                  # rows a step, and lr * R^2 <= 0.02: the search looks along each row's Adam step, so
                                  # the table strays as the rows' paths bend over a period, ~lr R^2, and more as a run
                                  # goes on: at 8,192 latents R = 8 is 0.21 % off exact over 3,000 steps, R = 11 0.70 %
-                                 # (1.1 % late). More at larger k and lambda, less at larger F (results/refresh.md)
+                                 # (1.1 % late); at k 32 R = 8 is 0.29 %; less off at larger F (results/refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
                                  # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)
