@@ -693,8 +693,9 @@ def remove_stale_tmp(folder):
     """Delete the temp files (tmp_name) this host's writers left when killed mid-write (a live pid's
     may be being written: it stays; other hosts' and other programs' files are not ours to judge).
     POSIX only: there os.kill(pid, 0) asks whether pid exists; on Windows it kills."""
+    ours = re.compile(rf".+{re.escape(tmp_name('', ''))}(\d+)")     # <path>.c2r-tmp-<this host>-<pid>
     for name in os.listdir(folder) if os.name == "posix" else ():
-        m = re.fullmatch(rf".+\.c2r-tmp-{re.escape(socket.gethostname())}-(\d+)", name)
+        m = ours.fullmatch(name)
         if m and int(m[1]) != os.getpid():
             try:
                 os.kill(int(m[1]), 0)
