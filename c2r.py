@@ -302,7 +302,7 @@ class Config:
                 raise ValueError(f"Config.{name} must be {want}, got {name}={got}")
 
     def nbr_period(self):    # R; 0 is resolved here, not stored: a copy made for another width or lr gets its own
-        return self.nbr_every or max(1, min(-(-self.n_latents // 512), 16, int(math.sqrt(0.02 / self.lr) + 1e-9)))
+        return self.nbr_every or max(1, min(-(-self.n_latents // 512), int(min(16, math.sqrt(0.02 / self.lr)) + 1e-9)))
 
     def nbr_hot_count(self):     # the h in use: none at R = 1, where the table is exact already
         return min(self.nbr_hot, self.n_latents) if self.nbr_period() > 1 else 0

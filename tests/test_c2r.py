@@ -298,6 +298,7 @@ def test_default_search_period_follows_width_and_lr():
     assert dataclasses.replace(c2r.Config(n_latents=80, k=1, lr=2e-4), n_latents=8192).nbr_period() == 10
     assert dataclasses.replace(c2r.Config(n_latents=8192, k=1, lr=2e-4), lr=1e-3).nbr_period() == 4
     assert c2r.Config(n_latents=4096, nbr_every=1, lr=1e-5).nbr_period() == 1
+    assert P(2 ** 20, 1e-311) == P(2 ** 20, 5e-324) == 16     # 0.02 / lr overflows to inf, not an error
     # the busiest latents met every step: h, at most F, none at R = 1 (exact already)
     assert [c2r.Config(n_latents=n, k=1).nbr_hot_count() for n in (80, 512, 513, 8192)] == [0, 0, 256, 256]
     assert c2r.Config(n_latents=100, k=1, nbr_every=2).nbr_hot_count() == 100
