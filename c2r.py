@@ -11,7 +11,8 @@ Read top to bottom: the C²R block (paste it into any SAE trainer: it needs only
 SAE class (Config, SAE: relu + L1, topk, batchtopk, matryoshka), a flat training loop (train),
 metrics, checkpoints. Shape suffixes: B = batch, D = d_model, F = n_latents, N = kept codes.
 
-Jin, Wang, Ren, Xie, Lian, "Cross-sample Consistency Regularization for SAEs", ICML 2026.
+Jin, Wang, Ren, Xie, Lian, "C²R: Cross-sample Consistency Regularization Mitigates Feature Splitting
+and Absorption in Sparse Autoencoders", ICML 2026.
 """
 
 import contextlib
@@ -226,15 +227,18 @@ class Config:
     prefixes: tuple = ()         # matryoshka only: nested sizes m_1 < m_2 < ... [latents]; n_latents is appended
                                  # (so replace(cfg, n_latents=...) keeps the old one as a prefix: give prefixes too)
     # C²R
-    c2r_lambda: float = 0.0      # weight of C²R in the loss; 0 = the baseline (no neighbour search at all)
+    c2r_lambda: float = 0.0      # weight of C²R in the loss; 0 = the baseline (no neighbour search at all). Not
+                                 # scale-free: a_i is a norm over the batch, so C²R grows as sqrt(batch) (alpha 1)
+                                 # and with the codes' scale: retune lambda when either changes
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.02 / lr)): >= 512
-                                 # rows a step, and lr * R^2 <= 0.02: the search looks along each row's Adam step, so
-                                 # the table strays as the rows' paths bend over a period, ~lr R^2, and more as a run
-                                 # goes on: at 8,192 latents R = 8 is 0.21 % off exact over 3,000 steps, R = 11 0.70 %
-                                 # (1.1 % late); at k 32 R = 8 is 0.29 %; less off at larger F (results/refresh.md)
+                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.02 / lr)),
+                                 # floored, >= 1: ~512 rows a step or more, and lr * R^2 <= 0.02: the search looks
+                                 # along each row's Adam step, so the table strays as the rows' paths bend over a
+                                 # period, ~lr R^2, and more as a run goes on: at 8,192 latents R = 8 is 0.21 % off
+                                 # exact over 3,000 steps, R = 11 0.70 % (1.1 % late); at k 32 R = 8 is 0.29 %; less
+                                 # off at larger F (results/refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
                                  # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)

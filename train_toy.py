@@ -1,7 +1,7 @@
 """
 C²R on a toy where splitting and absorption can be measured exactly.
 
-    python train_toy.py                  # baseline vs C²R: relu, topk, batchtopk, 3 seeds, < 60 s on 2 cores
+    python train_toy.py                  # baseline vs C²R: relu, topk, batchtopk, 3 seeds, 1–2 min on 2 cores
     python train_toy.py --kind topk --c2r-lambda 0.1 --seeds 0 1 2 3 4
 
 The data are sums of known feature directions with known activations:
@@ -11,7 +11,7 @@ The data are sums of known feature directions with known activations:
   - independent features, as controls, with magnitudes that vary.
   - a dictionary wider than the ground truth, so a baseline can also spend spare
     latents on near-duplicates and parent+child composites ("splitting").
-Every metric below is computed against the ground truth; README.md gives the formulas.
+Every metric below is computed against the ground truth; results/README.md gives the formulas.
 """
 
 import argparse
