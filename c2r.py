@@ -100,6 +100,7 @@ def nearest_neighbours(W_dec_FD, *, block=2048):
     block, memory O(block * F): the F x F matrix never exists (16 GiB in fp32 at 65,536 latents). It
     is symmetric, so a block of rows meets only itself and the rows after it: its row maxima are its
     own candidates, its column maxima the later rows' candidates. Half the flops of a full pass.
+    Under bf16 autocast the cosines are bf16: a near-tie may go to a neighbour within bf16's rounding.
     train() uses search_rows_ + rerank instead: the same neighbours at a small, even cost per step."""
     n = W_dec_FD.shape[0]
     if n < 2:
