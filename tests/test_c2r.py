@@ -74,6 +74,16 @@ def test_loss_by_hand():
     assert c2r.c2r_loss(acts, W * torch.tensor([[3.0], [0.1], [7.0]], dtype=torch.float64)).item() == pytest.approx(want)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_loss_scales_as_batch_norms(alpha):
+    """lambda is not scale-free (README): a_i is a norm over the batch, so the same codes repeated
+    4 times give (sqrt 4)^alpha the penalty, and codes 3 times larger 3^alpha."""
+    acts, W = rand_case()
+    L = c2r.c2r_loss(acts, W, alpha=alpha)
+    assert torch.allclose(c2r.c2r_loss(acts.repeat(4, 1), W, alpha=alpha), 2 ** alpha * L)
+    assert torch.allclose(c2r.c2r_loss(3 * acts, W, alpha=alpha), 3 ** alpha * L)
+
+
 def test_loss_permutation_invariant():
     acts, W = rand_case(n=50, seed=3)
     perm = torch.randperm(50, generator=torch.Generator().manual_seed(0))
