@@ -24,19 +24,21 @@ import os
 import pickle
 import re
 import socket
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 # --- begin C²R (paste this block) ---
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-# Two latents that point the same way and are both active in the batch cost a lot: that is what
-# splitting (near-duplicates) and absorption (a child latent leaning towards its parent's
-# direction) look like. Gradients reach s (the decoder) and a (the codes, hence the encoder).
+# Two latents that point the same way cost in proportion to their use over the batch (a_i + a_j,
+# whether or not they fire on the same samples): that is what splitting (near-duplicates) and
+# absorption (a child latent leaning towards its parent's direction) look like. Gradients reach
+# s (the decoder) and a (the codes, hence the encoder).
 
 
 def c2r_loss(acts_BF, W_dec_FD, *, alpha=1.0, nbr_F=None):
@@ -174,9 +176,11 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
 
     def cosines(X_FK):     # <w_i, w_X[i, k]> [F, K], a sampled matmul (no [F, K, D] gather); fp32 under autocast
         K = X_FK.shape[1]
-        csr = torch.sparse_csr_tensor(torch.arange(0, n * K + 1, K, device=W.device), X_FK.flatten(),
-                                      W.new_zeros(n * K), (n, n), check_invariants=False)
-        return torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, K)
+        with warnings.catch_warnings():     # torch warns that sparse CSR is beta, and of the checks skipped
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta|Sparse invariant checks")
+            csr = torch.sparse_csr_tensor(torch.arange(0, n * K + 1, K, device=W.device), X_FK.flatten(),
+                                          W.new_zeros(n * K), (n, n), check_invariants=False)
+            return torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, K)
     cos_FM = cosines(cand_FM)
     if hot_H is not None and len(hot_H):     # found in the caller's precision, as the search's, measured in fp32
         cos_FH = W @ W[hot_H].T
@@ -205,8 +209,6 @@ def code_norms(vals_N, cols_N, n_latents):
     on = sq_F > 0
     return torch.where(on, torch.where(on, sq_F, 1.0).sqrt(), 0.0)
 # --- end C²R ---
-# rerank's sampled matmul works; torch 2.11 also warns of the invariant checks it skips on purpose
-warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta|Sparse invariant checks are implicitly")
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ read out of README.md and run exactly as written on stand-in SAEs."""
 import ast
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -113,14 +114,15 @@ def block_of(path):
 
 
 def test_pasted_block_alone_is_c2r():
-    """The block, cut out of c2r.py as text and run in an empty namespace (it imports only torch and
-    torch.nn.functional itself), gives c2r.py's values and gradients."""
+    """The block, cut out of c2r.py as text and run in an empty namespace (it imports only warnings,
+    torch and torch.nn.functional itself), gives c2r.py's values, gradients and rolling search, and
+    warns of nothing (c2r.py sets no global warning filter for it)."""
     block = block_of(c2r.__file__)
     imports = [ast.unparse(n) for n in ast.parse(block).body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert imports == ["import torch", "import torch.nn.functional as F"]
+    assert imports == ["import warnings", "import torch", "import torch.nn.functional as F"]
     ns = {}
     exec(block, ns)
-    assert {"c2r_loss", "c2r_penalty", "nearest_neighbours", "code_norms"} <= ns.keys()
+    assert {"c2r_loss", "c2r_penalty", "nearest_neighbours", "code_norms", "search_rows_", "rerank"} <= ns.keys()
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 6, generator=g, dtype=torch.float64)
@@ -147,3 +149,18 @@ def test_pasted_block_alone_is_c2r():
     for x, y in zip(*out):
         assert torch.equal(x, y)
     torch.testing.assert_close(out[0][0], c2r_reference(acts, W))
+
+    # train()'s cheaper search, pasted: a slice of rows' candidates, then the re-ranking (a sparse
+    # CSR sampled matmul, which torch calls beta: the block hushes that warning itself)
+    got = []
+    for mod in (ns, vars(c2r)):
+        cand = torch.full((40, 4), -1)
+        for lo in range(0, 40, 10):
+            mod["search_rows_"](W, cand, lo, lo + 10, block=7)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got.append((cand, mod["rerank"](W, cand, hot_H=torch.tensor([3, 17]))))
+        assert not caught, [str(w.message) for w in caught]
+    for x, y in zip(*got):
+        assert torch.equal(x, y)
+    assert torch.equal(got[0][1], c2r.nearest_neighbours(W))     # every row just searched: exact
