@@ -18,7 +18,6 @@ and Absorption in Sparse Autoencoders", ICML 2026.
 import contextlib
 import errno
 import hashlib
-import math
 import numbers
 import os
 import pickle
@@ -30,6 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 # --- begin C²R (paste this block) ---
+import math
 import warnings
 
 import torch
@@ -200,6 +200,29 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
     return torch.where((rev > own) | ((rev == own) & (arg < nbr_F)), arg, nbr_F)
 
 
+@torch.no_grad()
+def heading(W_FD, opt, H, k=None):
+    """Where the rows W_FD point, as unit rows, after H more steps of Adam's (or AdamW's) current
+    update (its bias-corrected exp_avg / sqrt(exp_avg_sq), at the group's lr): C²R's neighbours are
+    mostly latents closing in on each other, so the rolling search looks there, not where the rows
+    are (refresh.md). W_FD itself if H = 0, before the first step or with no Adam state. k: Adam's
+    step count, if the caller keeps it (train() does: a fused Adam keeps it on the GPU, and reading
+    it there would wait for the GPU)."""
+    st = opt.state.get(W_FD, {})
+    st = st if "exp_avg" in st else None       # not Adam's (SGD's momentum): no look-ahead
+    k = float(st["step"]) if st and k is None else k
+    if H == 0 or not st or not k:      # no step yet (or a state of step 0: a failed first step)
+        return W_FD.detach()
+    group = next(g for g in opt.param_groups if any(p is W_FD for p in g["params"]))
+    b1, b2 = group["betas"]
+    d = math.sqrt(1 - b2 ** k)     # the bias corrections as numbers: no kernel for them on the GPU
+    # W - H lr/(1 - b1^k) m / (sqrt(v)/d + eps) = W + c m / (sqrt(v) + eps d), with c = -H lr d / (1 - b1^k):
+    # three passes over [F, D], then the norms, in one buffer (a copy is GBs at 1M latents)
+    P_FD = st["exp_avg_sq"].sqrt().add_(group["eps"] * d)
+    torch.addcdiv(W_FD, st["exp_avg"], P_FD, value=-H * group["lr"] * d / (1 - b1 ** k), out=P_FD)
+    return P_FD.div_(torch.linalg.vector_norm(P_FD, dim=1, keepdim=True).clamp_min_(1e-12))
+
+
 def code_norms(vals_N, cols_N, n_latents):
     """a_F = ||acts[:, i]||_2 from the nonzero codes alone (values vals_N of latents cols_N, e.g.
     the k*B kept by TopK, flattened): no dense [B, F] matrix. sqrt has an infinite slope at 0, so
@@ -239,16 +262,18 @@ class Config:
                                  # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.02 / lr)),
                                  # floored, >= 1: ~512 rows a step or more, and lr * R^2 <= 0.02: the search looks
                                  # along each row's Adam step, so the table strays as the rows' paths bend over a
-                                 # period, ~lr R^2, and more as a run goes on: at 8,192 latents R = 8 is 0.21 % off
-                                 # exact over 3,000 steps, R = 11 0.70 % (1.1 % late); at k 32 R = 8 is 0.29 %; less
-                                 # off at larger F (results/refresh.md)
+                                 # period, ~lr R^2, and more as a run goes on (to ~0.4 % from ~3,500 steps at
+                                 # 8,192 latents, R = 8: 0.29 % off exact over 6,000 steps; R = 11 0.70 % over 3,000,
+                                 # 1.1 % late); at k 32 R = 8 is 0.29 % over 3,000; less at larger F (refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
                                  # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)
     nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
-                                 # current update (they serve that long); 0 = where they are [periods]
+                                 # current update (they serve that long); 0 = where they are: ~5x further off
+                                 # exact at 8,192 latents, R = 8 (refresh.md) [periods]
     nbr_hot: int = 256           # h: with R > 1, every latent also meets the h busiest in the batch (largest a_i)
-                                 # every step, both ways: their pairs weigh most. ~h / (3 B) of a step [latents]
+                                 # every step, both ways: their pairs weigh most (h = 0: ~2x further off, with no
+                                 # look-ahead). ~h / (3 B) of a step [latents]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
     aux_coeff: float = 1 / 32    # weight of the AuxK loss
@@ -438,27 +463,6 @@ def sharded(search, lo, hi):
 
 # -----------------------------------------------------------------------------
 # Training
-
-@torch.no_grad()
-def heading(W_FD, opt, H, k=None):
-    """Where the unit rows W_FD go in H more steps of Adam's current update (its bias-corrected
-    exp_avg / sqrt(exp_avg_sq), at the group's lr): C²R's neighbours are mostly latents closing in
-    on each other, so the rolling search looks there, not where the rows are (refresh.md). W_FD
-    itself if H = 0 or before the first step. k: Adam's step count, if the caller keeps it (train()
-    does: a fused Adam keeps it on the GPU, and reading it there would wait for the GPU)."""
-    st = opt.state.get(W_FD)
-    k = float(st["step"]) if st and k is None else k
-    if H == 0 or not st or not k:      # no step yet (or a state of step 0: a failed first step)
-        return W_FD.detach()
-    group = next(g for g in opt.param_groups if any(p is W_FD for p in g["params"]))
-    b1, b2 = group["betas"]
-    d = math.sqrt(1 - b2 ** k)     # the bias corrections as numbers: no kernel for them on the GPU
-    # W - H lr/(1 - b1^k) m / (sqrt(v)/d + eps) = W + c m / (sqrt(v) + eps d), with c = -H lr d / (1 - b1^k):
-    # three passes over [F, D], then the norms, in one buffer (a copy is GBs at 1M latents)
-    P_FD = st["exp_avg_sq"].sqrt().add_(group["eps"] * d)
-    torch.addcdiv(W_FD, st["exp_avg"], P_FD, value=-H * group["lr"] * d / (1 - b1 ** k), out=P_FD)
-    return P_FD.div_(torch.linalg.vector_norm(P_FD, dim=1, keepdim=True).clamp_min_(1e-12))
-
 
 @torch.no_grad()
 def table_error(sae, a_F, k, rows=512):

@@ -233,11 +233,19 @@ def test_heading_is_adams_step_repeated():
     """heading(W, opt, H) is W moved on by Adam's last step H more times, renormalised (Adam's last
     step is lr times the update heading reads from its state): after 1 step, where the bias
     corrections cancel, and after 40 with random gradients, for each of torch's Adam
-    implementations. H = 0, or no step yet, is W itself; a step count k given is the state's."""
-    for impl in (dict(), dict(foreach=True), dict(foreach=False), dict(fused=True)):
+    implementations, and AdamW's without weight decay. H = 0, or no step yet, is W itself; a step
+    count k given is the state's. An optimizer with no Adam state (SGD with momentum) gets W."""
+    W = torch.nn.Parameter(torch.randn(6, 5))
+    sgd = torch.optim.SGD([W], lr=1e-2, momentum=0.9)
+    W.grad = torch.randn(6, 5)
+    sgd.step()
+    assert sgd.state[W] and torch.equal(c2r.heading(W, sgd, 3.0), W.detach())
+    for impl in (dict(), dict(foreach=True), dict(foreach=False), dict(fused=True), dict(AdamW=True)):
         W0 = F.normalize(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), dim=1)
         W = torch.nn.Parameter(W0.clone())
-        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3)), W], lr=1e-2, **impl)    # W in any group
+        Opt = torch.optim.AdamW if impl.pop("AdamW", False) else torch.optim.Adam
+        kw = dict(weight_decay=0.0) if Opt is torch.optim.AdamW else {}
+        opt = Opt([torch.nn.Parameter(torch.zeros(3)), W], lr=1e-2, **impl, **kw)    # W in any group
         assert torch.equal(c2r.heading(W, opt, 3.0), W.detach())             # no state yet
         opt.state[W] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros(6, 5), exp_avg_sq=torch.zeros(6, 5))
         assert torch.equal(c2r.heading(W, opt, 3.0), W.detach())             # a state of step 0: none yet

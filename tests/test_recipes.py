@@ -30,6 +30,18 @@ RECIPE_DENSE = readme_recipe("**Dense codes**")
 RECIPE_SPARSE = readme_recipe("**Sparse codes**")
 
 
+def rolling_recipe():
+    """The sparse recipe with README's "At scale" lines in place of its periodic search, as it says."""
+    roll = readme_recipe("**At scale**")
+    search = "    if step % R == 0:\n        nbr_F = nearest_neighbours(sae.W_dec)\n"
+    norms = next(line for line in RECIPE_SPARSE.splitlines(True) if line.lstrip().startswith("a_F = "))
+    assert search in RECIPE_SPARSE and norms in RECIPE_SPARSE
+    return "from c2r import heading, rerank, search_rows_\n" + RECIPE_SPARSE.replace(search, "").replace(norms, norms + roll)
+
+
+RECIPE_ROLL = rolling_recipe()
+
+
 class DenseSAE(torch.nn.Module):
     """A stand-in for someone else's ReLU SAE: W_dec [F, D] (as SAELens and sparsify store it)."""
     def __init__(self, D=8, Fn=32, seed=0):
@@ -67,19 +79,33 @@ def data(steps, B=64, D=8, seed=0):
 
 
 def run(recipe, sae, steps, lr, monkeypatch, lam=None):
+    """Runs the recipe on sae; returns its namespace and the rows it searched, a list per search."""
     searches = []
-    search = c2r.nearest_neighbours
-    monkeypatch.setattr(c2r, "nearest_neighbours", lambda W, **kw: searches.append(1) or search(W, **kw))
+    search, rows = c2r.nearest_neighbours, c2r.search_rows_
+    monkeypatch.setattr(c2r, "nearest_neighbours",
+                        lambda W, **kw: searches.append(range(len(W))) or search(W, **kw))
+    monkeypatch.setattr(c2r, "search_rows_", lambda W, C, lo, hi, **kw: searches.append(range(lo, hi))
+                        or rows(W, C, lo, hi, **kw))
     if lam is not None:                                   # the baseline: the same recipe with lambda = 0
         recipe = recipe.replace("lam, R = 0.1, 10", f"lam, R = {lam}, 10")
     ns = dict(sae=sae, opt=torch.optim.Adam(sae.parameters(), lr=lr), batches=data(steps))
     exec(recipe, ns)
-    return ns, len(searches)
+    return ns, searches
 
 
-@pytest.mark.parametrize("recipe,SAE", [(RECIPE_DENSE, DenseSAE), (RECIPE_SPARSE, TopKSAE)])
+RECIPES = [(RECIPE_DENSE, DenseSAE), (RECIPE_SPARSE, TopKSAE), (RECIPE_ROLL, TopKSAE)]
+
+
+class WideTopKSAE(TopKSAE):
+    """Wider than the rolling recipe's 256 busiest latents, so its candidate lists matter."""
+    def __init__(self, seed=0):
+        super().__init__(D=8, Fn=600, seed=seed)
+
+
+@pytest.mark.parametrize("recipe,SAE", RECIPES + [(RECIPE_ROLL, WideTopKSAE)], ids=["dense", "sparse", "rolling", "rolling-wide"])
 def test_recipe_value_is_c2r(recipe, SAE, monkeypatch):
-    """With the weights held still (lr = 0) the recipe's C²R term is C²R of the last batch's codes."""
+    """With the weights held still (lr = 0) the recipe's C²R term is C²R of the last batch's codes
+    (the rolling search's too: its lists are exact on a still decoder)."""
     sae = SAE()
     ns, _ = run(recipe, sae, 3, 0.0, monkeypatch)
     codes = sae.encode(ns["x_BD"])
@@ -90,15 +116,20 @@ def test_recipe_value_is_c2r(recipe, SAE, monkeypatch):
     assert (ns["loss"] - recon).item() == pytest.approx(0.1 * want, rel=1e-5)
 
 
-@pytest.mark.parametrize("recipe,SAE", [(RECIPE_DENSE, DenseSAE), (RECIPE_SPARSE, TopKSAE)])
+@pytest.mark.parametrize("recipe,SAE", RECIPES, ids=["dense", "sparse", "rolling"])
 def test_recipe_trains_and_lowers_c2r(recipe, SAE, monkeypatch):
-    """25 steps: the table is searched at steps 0, 10, 20 only, and C²R ends lower than in the
-    same run without it."""
+    """25 steps: the table is searched at steps 0, 10, 20 only (rolling: every row at step 0, then
+    a tenth of them a step, in turn), and C²R ends lower than in the same run without it."""
     ends = []
+    n = SAE().W_dec.shape[0]
     for lam in (None, 0.0):
         sae = SAE()
-        _, n_searches = run(recipe, sae, 25, 1e-2, monkeypatch, lam)
-        assert n_searches == 3
+        _, searches = run(recipe, sae, 25, 1e-2, monkeypatch, lam)
+        if recipe is RECIPE_ROLL:
+            assert [list(r) for r in searches] == [list(range(n))] + [
+                list(range(t % 10 * n // 10, (t % 10 + 1) * n // 10)) for t in range(1, 25)]
+        else:
+            assert searches == [range(n)] * 3
         x = data(1, B=512, seed=1)[0]
         with torch.no_grad():
             codes = sae.encode(x)
@@ -114,15 +145,16 @@ def block_of(path):
 
 
 def test_pasted_block_alone_is_c2r():
-    """The block, cut out of c2r.py as text and run in an empty namespace (it imports only warnings,
-    torch and torch.nn.functional itself), gives c2r.py's values, gradients and rolling search, and
+    """The block, cut out of c2r.py as text and run in an empty namespace (it imports only math,
+    warnings, torch and torch.nn.functional itself), gives c2r.py's values, gradients and rolling search, and
     warns of nothing (c2r.py sets no global warning filter for it)."""
     block = block_of(c2r.__file__)
     imports = [ast.unparse(n) for n in ast.parse(block).body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert imports == ["import warnings", "import torch", "import torch.nn.functional as F"]
+    assert imports == ["import math", "import warnings", "import torch", "import torch.nn.functional as F"]
     ns = {}
     exec(block, ns)
-    assert {"c2r_loss", "c2r_penalty", "nearest_neighbours", "code_norms", "search_rows_", "rerank"} <= ns.keys()
+    assert {"c2r_loss", "c2r_penalty", "nearest_neighbours", "code_norms", "search_rows_", "rerank",
+            "heading"} <= ns.keys()
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 6, generator=g, dtype=torch.float64)
