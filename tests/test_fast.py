@@ -125,6 +125,17 @@ def test_search_rows_is_the_exact_top_m(unit_rows):
     assert (C[:7] == -1).all() and (C[29:] == -1).all()
 
 
+def test_search_rows_refuses_more_candidates_than_other_latents():
+    """m = n - 1 lists every other latent; m = n would list a row as its own candidate (cosine 1,
+    so rerank would make it its own neighbour): refused by name, as m = 0 is."""
+    W = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    C = c2r.search_rows_(W, torch.full((16, 15), -1), 0, 16)
+    assert all(set(C[i].tolist()) == set(range(16)) - {i} for i in range(16))
+    for m in (16, 17, 0):
+        with pytest.raises(ValueError, match=f"search_rows_: {m} candidates a row"):
+            c2r.search_rows_(W, torch.full((16, m), -1), 0, 16)
+
+
 def test_rerank_is_the_argmax_over_the_candidates():
     """Latent i's neighbour is the most similar of its candidates and of the latents that list i
     (a loop, rerank_reference). Hand-built: latent 1's list lacks its twin 0, but 0's lists 1."""
