@@ -36,7 +36,8 @@ def rolling_recipe():
     search = "    if step % R == 0:\n        nbr_F = nearest_neighbours(sae.W_dec)\n"
     norms = next(line for line in RECIPE_SPARSE.splitlines(True) if line.lstrip().startswith("a_F = "))
     assert search in RECIPE_SPARSE and norms in RECIPE_SPARSE
-    return "from c2r import heading, rerank, search_rows_\n" + RECIPE_SPARSE.replace(search, "").replace(norms, norms + roll)
+    sparse = RECIPE_SPARSE.replace(search, "").replace(norms, norms + roll)
+    return "from c2r import heading, rerank, search_rows_\n" + sparse
 
 
 RECIPE_ROLL = rolling_recipe()
@@ -102,7 +103,8 @@ class WideTopKSAE(TopKSAE):
         super().__init__(D=8, Fn=600, seed=seed)
 
 
-@pytest.mark.parametrize("recipe,SAE", RECIPES + [(RECIPE_ROLL, WideTopKSAE)], ids=["dense", "sparse", "rolling", "rolling-wide"])
+@pytest.mark.parametrize("recipe,SAE", RECIPES + [(RECIPE_ROLL, WideTopKSAE)],
+                         ids=["dense", "sparse", "rolling", "rolling-wide"])
 def test_recipe_value_is_c2r(recipe, SAE, monkeypatch):
     """With the weights held still (lr = 0) the recipe's C²R term is C²R of the last batch's codes
     (the rolling search's too: its lists are exact on a still decoder)."""
