@@ -137,7 +137,7 @@ def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False):
     a step, so every row is renewed once per R steps at an even cost. unit_rows: rows kept unit norm."""
     if not 1 <= cand_FM.shape[1] < len(W_dec_FD):   # more would list a row as its own candidate
         raise ValueError(f"search_rows_: {cand_FM.shape[1]} candidates a row need at least "
-                         f"{cand_FM.shape[1] + 1} latents, W_dec has {len(W_dec_FD)}: use m <= n_latents - 1")
+                         f"{cand_FM.shape[1] + 1} latents, W_dec has {len(W_dec_FD)}: use 1 <= m <= n_latents - 1")
     W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
     for s in range(lo, hi, block):
         cos = W[s:min(s + block, hi)] @ W.T                  # [block, F]
