@@ -9,7 +9,8 @@ Cross-sample Consistency Regularization (C²R) for sparse autoencoders, in one f
 
 Read top to bottom: the C²R block (paste it into any SAE trainer: it needs only torch), then one
 SAE class (Config, SAE: relu + L1, topk, batchtopk, matryoshka), a flat training loop (train),
-metrics, checkpoints. Shape suffixes: B = batch, D = d_model, F = n_latents, N = kept codes.
+metrics, checkpoints. Shape suffixes: B = batch, D = d_model, F = n_latents, N = kept codes,
+M = candidates a latent, H = hot latents.
 
 Jin, Wang, Ren, Xie, Lian, "C²R: Cross-sample Consistency Regularization Mitigates Feature Splitting
 and Absorption in Sparse Autoencoders", ICML 2026.
@@ -44,8 +45,11 @@ import torch.nn.functional as F
 def c2r_loss(acts_BF, W_dec_FD, *, alpha=1.0, nbr_F=None):
     """C²R of a batch of codes acts_BF [B, F] (post-TopK for TopK SAEs) and a decoder W_dec_FD
     [F, D] (pass W_dec.T if yours is [D, F]). nbr_F: a table from nearest_neighbours, reused
-    between refreshes; None searches afresh. Shapes are checked at once; the values never are
-    (no host read-back, no GPU wait): a NaN code gives a NaN loss, for the caller to catch."""
+    between refreshes; None searches afresh. Shapes are checked at once; the codes' values are not
+    (no host read-back, no GPU wait): a NaN code gives a NaN loss, for the caller to catch. The
+    norms are summed in fp32, as code_norms does, also under bf16 autocast. Under DDP use
+    c2r_penalty with the global batch's norms (a_F² all-reduced, as train() does): each rank's own
+    share would make lambda sqrt(N) weaker."""
     if acts_BF.ndim != 2 or W_dec_FD.ndim != 2:
         raise ValueError(f"c2r_loss wants acts [B, F] and W_dec [F, D], got acts {tuple(acts_BF.shape)} "
                          f"and W_dec {tuple(W_dec_FD.shape)}")
@@ -54,7 +58,8 @@ def c2r_loss(acts_BF, W_dec_FD, *, alpha=1.0, nbr_F=None):
                          f"W_dec must be [n_latents, d_model] (pass W_dec.T if yours is [d_model, n_latents])")
     if nbr_F is None:
         nbr_F = nearest_neighbours(W_dec_FD)
-    a_F = torch.linalg.vector_norm(acts_BF, dim=0)      # its gradient is 0 (not NaN) at a = 0
+    fp = torch.promote_types(acts_BF.dtype, torch.float32)     # bf16 codes: sum in fp32
+    a_F = torch.linalg.vector_norm(acts_BF, dim=0, dtype=fp)   # its gradient is 0 (not NaN) at a = 0
     return c2r_penalty(a_F, W_dec_FD, nbr_F, alpha=alpha)
 
 
@@ -150,7 +155,9 @@ def top_m(x_NF, m, run=64):
     """x_NF.topk(m, dim=1).indices, up to ties, in fewer passes over x: the m largest of a row lie in
     the m runs of `run` columns with the largest maxima (a run outside them holds nothing above their
     m maxima), so one pass takes the runs' maxima and the top-k runs on m*run columns, not F. Radix
-    top-k passes over [N, F] several times; on a GPU it was most of the search (refresh.md)."""
+    top-k passes over [N, F] several times; on a GPU it was most of the search (refresh.md). Below
+    8*m runs' worth of columns the second top-k would cover an eighth of the row or more, so a plain
+    top-k costs about as much; 64 columns a run keeps both top-ks small at 4k-1M latents."""
     n, full = x_NF.shape[1], x_NF.shape[1] // run * run
     if full < 8 * m * run:                                   # narrow: plain top-k
         return x_NF.topk(m, dim=1).indices
@@ -193,36 +200,46 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
         X_FT[hot_H] = cos_FH.topk(t, dim=0).indices.T
         X_FT = X_FT.sort(dim=1).values             # CSR rows in index order, as cuSPARSE expects
         cand_FM, cos_FM = torch.cat([cand_FM, X_FT], dim=1), torch.cat([cos_FM, cosines(X_FT)], dim=1)
-    own = cos_FM.amax(1)
-    nbr_F = torch.where(cos_FM == own[:, None], cand_FM, n).amin(1)      # ties: the lowest index
-    # the other way round: j listing i offers j to i, at the same cosine (the best offer, the lowest j)
+    own_F = cos_FM.amax(1)
+    nbr_F = torch.where(cos_FM == own_F[:, None], cand_FM, n).amin(1)      # ties: the lowest index
+    # The other way round: j's list may be newer than i's (searched since), so j finding i close is
+    # news for i: j listing i offers j to i at the same cosine. Each i takes its best offer (ties:
+    # the lowest j) where it beats its own list's best.
     to = cand_FM.flatten()
-    rev = torch.full_like(own, -float("inf")).scatter_reduce(0, to, cos_FM.flatten(), "amax")
-    by_FM = torch.where(cos_FM == rev[cand_FM], torch.arange(n, device=W.device)[:, None], n)
-    arg = torch.full_like(nbr_F, n).scatter_reduce(0, to, by_FM.flatten(), "amin")
-    return torch.where((rev > own) | ((rev == own) & (arg < nbr_F)), arg, nbr_F)
+    offer_F = torch.full_like(own_F, -float("inf")).scatter_reduce(0, to, cos_FM.flatten(), "amax")
+    by_FM = torch.where(cos_FM == offer_F[cand_FM], torch.arange(n, device=W.device)[:, None], n)
+    offerer_F = torch.full_like(nbr_F, n).scatter_reduce(0, to, by_FM.flatten(), "amin")
+    better = (offer_F > own_F) | ((offer_F == own_F) & (offerer_F < nbr_F))
+    return torch.where(better, offerer_F, nbr_F)
 
 
 @torch.no_grad()
-def heading(W_FD, opt, H, k=None):
-    """Where the rows W_FD point, as unit rows, after H more steps of Adam's (or AdamW's) current
-    update (its bias-corrected exp_avg / sqrt(exp_avg_sq), at the group's lr): C²R's neighbours are
-    mostly latents closing in on each other, so the rolling search looks there, not where the rows
-    are (refresh.md). W_FD itself if H = 0, before the first step or with no Adam state. k: Adam's
-    step count, if the caller keeps it (train() does: a fused Adam keeps it on the GPU, and reading
-    it there would wait for the GPU)."""
-    st = opt.state.get(W_FD, {})
+def heading(W_FD, opt, steps, k=None):
+    """Where the rows W_FD point, as unit rows, after `steps` more steps of Adam's (or AdamW's)
+    current update (its bias-corrected exp_avg / sqrt(exp_avg_sq), at the group's lr): C²R's
+    neighbours are mostly latents closing in on each other, so the rolling search looks there, not
+    where the rows are (refresh.md). W_FD may be the parameter or its transpose (W_dec.T of a
+    [D, F] decoder). W_FD itself, not normalised, if steps = 0, before the first step or with no
+    Adam state. k: Adam's step count, if the caller keeps it (train() does: a fused Adam keeps it on
+    the GPU, and reading it there would wait for the GPU; without k, heading reads it)."""
+    # the parameter W_FD is, or views as its transpose: the one the optimizer keeps state for
+    found = [(g, p) for g in opt.param_groups for p in g["params"]
+             if p.data_ptr() == W_FD.data_ptr() and W_FD.shape in (p.shape, p.T.shape)]
+    group, p = found[0] if found else (None, None)
+    st = opt.state.get(p, {}) if found else {}
     st = st if "exp_avg" in st else None       # not Adam's (SGD's momentum): no look-ahead
     k = float(st["step"]) if st and k is None else k
-    if H == 0 or not st or not k:      # no step yet (or a state of step 0: a failed first step)
+    if steps == 0 or not st or not k:      # no step yet (or a state of step 0: a failed first step)
         return W_FD.detach()
-    group = next(g for g in opt.param_groups if any(p is W_FD for p in g["params"]))
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    if p.stride() != W_FD.stride():        # W_FD = p.T: so are its moments
+        m, v = m.T, v.T
     b1, b2 = group["betas"]
     d = math.sqrt(1 - b2 ** k)     # the bias corrections as numbers: no kernel for them on the GPU
-    # W - H lr/(1 - b1^k) m / (sqrt(v)/d + eps) = W + c m / (sqrt(v) + eps d), with c = -H lr d / (1 - b1^k):
+    # W - s lr/(1 - b1^k) m / (sqrt(v)/d + eps) = W + c m / (sqrt(v) + eps d), with c = -s lr d / (1 - b1^k):
     # three passes over [F, D], then the norms, in one buffer (a copy is GBs at 1M latents)
-    P_FD = st["exp_avg_sq"].sqrt().add_(group["eps"] * d)
-    torch.addcdiv(W_FD, st["exp_avg"], P_FD, value=-H * group["lr"] * d / (1 - b1 ** k), out=P_FD)
+    P_FD = v.sqrt().add_(group["eps"] * d)
+    torch.addcdiv(W_FD, m, P_FD, value=-steps * group["lr"] * d / (1 - b1 ** k), out=P_FD)
     return P_FD.div_(torch.linalg.vector_norm(P_FD, dim=1, keepdim=True).clamp_min_(1e-12))
 
 
@@ -262,21 +279,18 @@ class Config:
     c2r_alpha: float = 1.0       # exponent of (a_i + a_j(i)), > 0
     c2r_warmup: float = 0.0      # lambda ramps up linearly from 0 over this fraction of the steps
     nbr_every: int = 0           # R: a step searches F/R rows afresh, every row once in R steps [steps]. 1 = all rows
-                                 # every step, the exact definition; 0 = min(ceil(F / 512), 16, sqrt(0.02 / lr)),
-                                 # floored, >= 1: ~512 rows a step or more, and lr * R^2 <= 0.02: the search looks
-                                 # along each row's Adam step, so the table strays as the rows' paths bend over a
-                                 # period, ~lr R^2, and more as a run goes on (to ~0.4 % from ~3,500 steps at
-                                 # 8,192 latents, R = 8: 0.29 % off exact over 6,000 steps; R = 11 0.70 % over 3,000,
-                                 # 1.1 % late); at k 32 R = 8 is 0.29 % over 3,000; less at larger F (refresh.md)
+                                 # every step, the exact definition. 0 = the default, min(ceil(F / 512), 16,
+                                 # sqrt(0.02 / lr)), floored, >= 1: ~512 rows a step or more, and lr R^2 <= 0.02, as
+                                 # the table strays from exact as ~lr R^2 (0.29 % off over 6,000 steps at 8,192
+                                 # latents, R 8; results/refresh.md)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
-                                 # latents that list it [latents]. Without nbr_hot the error follows m / R (keep
-                                 # m >= 4 R past R = 8); with it, m = 16 holds R = 16 (results/refresh.md)
-    nbr_ahead: float = 1.0       # the search looks where the rows will be in (R - 1) * this many steps of Adam's
-                                 # current update (they serve that long); 0 = where they are: ~5x further off
-                                 # exact at 8,192 latents, R = 8 (refresh.md) [periods]
-    nbr_hot: int = 256           # h: with R > 1, every latent also meets the h busiest in the batch (largest a_i)
-                                 # every step, both ways: their pairs weigh most (h = 0: ~2x further off, with no
-                                 # look-ahead). ~h / (3 B) of a step [latents]
+                                 # latents that list it [latents] (fewer: further off exact; refresh.md)
+    nbr_ahead: float = 1.0       # the search looks where the rows will be after (R - 1) * nbr_ahead more steps of
+                                 # Adam's current update (the lists serve R - 1 more steps); 0 = where they are now,
+                                 # ~5x further off exact [periods of R - 1 steps]
+    nbr_hot: int = 256           # h: with R > 1, every latent also meets the batch's h busiest latents (largest a_i)
+                                 # every step, both ways, as their pairs weigh most; 0 = none, ~2x further off.
+                                 # Costs ~h / (3 B) of a step [latents]
     # dead latents (topk kinds): AuxK, Gao et al. 2024
     aux_k: int = 0               # dead latents that model the residual [latents]; 0 = d_model // 2
     aux_coeff: float = 1 / 32    # weight of the AuxK loss
@@ -588,7 +602,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
             if cfg.kind == "relu":
                 acts_BF = sae.activate(pre_BF)
                 x_hat_BD = sae.decode(acts_BF)
-                a_F = torch.linalg.vector_norm(acts_BF, dim=0)   # its gradient is 0 (not NaN) at a = 0
+                fp = torch.promote_types(acts_BF.dtype, torch.float32)    # bf16 codes: sum in fp32
+                a_F = torch.linalg.vector_norm(acts_BF, dim=0, dtype=fp)   # (as code_norms)
             else:
                 vals_N, rows_N, cols_N = sae.sparse_codes(pre_BF, all_ranks=True)
                 x_hat_BD = sae.decode_sparse(vals_N, rows_N, cols_N, B)
@@ -617,7 +632,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 # then every latent's m candidates, those listing it and the batch's h busiest latents re-ranked;
                 # a fresh SAE searches every row
                 R, n, W, C = cfg.nbr_period(), cfg.n_latents, sae.W_dec_FD, sae.nbr_cand_FM
-                lo, hi = (0, n) if step == start and C[0, 0] < 0 else (step % R * n // R, (step % R + 1) * n // R)
+                never_searched = step == start and C[0, 0] < 0   # SAE() fills C with -1; a resume keeps its lists
+                lo, hi = (0, n) if never_searched else (step % R * n // R, (step % R + 1) * n // R)
                 P = heading(W, opt, (R - 1) * cfg.nbr_ahead, n_adam)   # the candidates serve R - 1 more steps
                 C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True)[a:b].clone(), lo, hi)
                 h = cfg.nbr_hot_count()

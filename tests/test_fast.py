@@ -275,6 +275,27 @@ def test_heading_is_adams_step_repeated():
                     assert torch.equal(c2r.heading(W, opt, H, k=t + 1), c2r.heading(W, opt, H))
 
 
+def test_heading_of_a_transposed_decoder():
+    """A [D, F] decoder (nn.Linear's weight) passed as W_dec.T, as the README says, gets the same
+    look-ahead as a [F, D] one: its moments are read transposed. Square too (F = D: only the strides
+    tell W.T from W). A copy of the rows is no parameter of the optimizer's: no look-ahead."""
+    for D, Fn in ((5, 6), (5, 5)):
+        V = torch.nn.Parameter(F.normalize(torch.randn(Fn, D, generator=torch.Generator().manual_seed(0)),
+                                           dim=1).T.contiguous())               # [D, F]
+        opt = torch.optim.Adam([V], lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            V_prev = V.detach().clone()
+            V.grad = torch.randn(D, Fn, generator=g) + 0.5
+            opt.step()
+        want = F.normalize((V.detach() + 4.0 * (V.detach() - V_prev)).T, dim=1)
+        assert torch.allclose(c2r.heading(V.T, opt, 4.0), want, atol=1e-6), (D, Fn)
+        if D == Fn:       # and the square parameter itself, not transposed
+            want = F.normalize(V.detach() + 4.0 * (V.detach() - V_prev), dim=1)
+            assert torch.allclose(c2r.heading(V, opt, 4.0), want, atol=1e-6)
+        assert torch.equal(c2r.heading(V.T.clone(), opt, 4.0), V.T.detach())
+
+
 def test_table_error_samples_rows_evenly():
     """nbr_err checks 512 rows spread evenly over the dictionary (every F // 512-th, from step %
     (F // 512)): 0 for the exact table, the naive sum over those rows for a wrong one."""

@@ -33,7 +33,7 @@ RECIPE_SPARSE = readme_recipe("**Sparse codes**")
 def rolling_recipe():
     """The sparse recipe with README's "At scale" lines in place of its periodic search, as it says."""
     roll = readme_recipe("**At scale**")
-    search = "    if step % R == 0:\n        nbr_F = nearest_neighbours(sae.W_dec)\n"
+    search = "    if nbr_F is None or step % R == 0:\n        nbr_F = nearest_neighbours(sae.W_dec)\n"
     norms = next(line for line in RECIPE_SPARSE.splitlines(True) if line.lstrip().startswith("a_F = "))
     assert search in RECIPE_SPARSE and norms in RECIPE_SPARSE
     sparse = RECIPE_SPARSE.replace(search, "").replace(norms, norms + roll)
@@ -79,8 +79,9 @@ def data(steps, B=64, D=8, seed=0):
     return [torch.randn(B, D, generator=g) * 2 + 1 for _ in range(steps)]
 
 
-def run(recipe, sae, steps, lr, monkeypatch, lam=None):
-    """Runs the recipe on sae; returns its namespace and the rows it searched, a list per search."""
+def run(recipe, sae, steps, lr, monkeypatch, lam=None, start=0):
+    """Runs the recipe on sae (its loop's step counter from `start`, as a resumed trainer's);
+    returns its namespace and the rows it searched, a list per search."""
     searches = []
     search, rows = c2r.nearest_neighbours, c2r.search_rows_
     monkeypatch.setattr(c2r, "nearest_neighbours",
@@ -88,7 +89,11 @@ def run(recipe, sae, steps, lr, monkeypatch, lam=None):
     monkeypatch.setattr(c2r, "search_rows_", lambda W, C, lo, hi, **kw: searches.append(range(lo, hi))
                         or rows(W, C, lo, hi, **kw))
     if lam is not None:                                   # the baseline: the same recipe with lambda = 0
-        recipe = recipe.replace("lam, R = 0.1, 10", f"lam, R = {lam}, 10")
+        assert recipe.count("= 0.1, 10") == 1
+        recipe = recipe.replace("= 0.1, 10", f"= {lam}, 10")
+    if start:
+        assert recipe.count("enumerate(batches)") == 1
+        recipe = recipe.replace("enumerate(batches)", f"enumerate(batches, start={start})")
     ns = dict(sae=sae, opt=torch.optim.Adam(sae.parameters(), lr=lr), batches=data(steps))
     exec(recipe, ns)
     return ns, searches
@@ -103,13 +108,16 @@ class WideTopKSAE(TopKSAE):
         super().__init__(D=8, Fn=600, seed=seed)
 
 
+@pytest.mark.parametrize("start", [0, 7])
 @pytest.mark.parametrize("recipe,SAE", RECIPES + [(RECIPE_ROLL, WideTopKSAE)],
                          ids=["dense", "sparse", "rolling", "rolling-wide"])
-def test_recipe_value_is_c2r(recipe, SAE, monkeypatch):
+def test_recipe_value_is_c2r(recipe, SAE, start, monkeypatch):
     """With the weights held still (lr = 0) the recipe's C²R term is C²R of the last batch's codes
-    (the rolling search's too: its lists are exact on a still decoder)."""
+    (the rolling search's too: its lists are exact on a still decoder), also in a loop whose step
+    counter does not start at 0 (a resumed run): the first step searches whatever its number."""
     sae = SAE()
-    ns, _ = run(recipe, sae, 3, 0.0, monkeypatch)
+    ns, searches = run(recipe, sae, 3, 0.0, monkeypatch, start=start)
+    assert list(searches[0]) == list(range(sae.W_dec.shape[0]))
     codes = sae.encode(ns["x_BD"])
     acts_BF = codes if SAE is DenseSAE else sae.dense(*codes)
     recon = (acts_BF @ sae.W_dec - ns["x_BD"]).pow(2).sum(-1).mean()
