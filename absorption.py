@@ -55,6 +55,9 @@ LETTERS = string.ascii_lowercase
 TEMPLATE = "{word} has the first letter:"
 WORD_POS = -6                   # the word's token, counted from the prompt's end
 N_ICL = 10                      # examples per prompt
+TRAIN_SHARE = 0.8               # of the words, for the probes' training split
+# the fewest words whose test split (the smaller) holds a word and N_ICL others to prompt it with
+MIN_WORDS = next(n for n in range(1, 10_000) if n - int(n * TRAIN_SHARE) > N_ICL)
 PROBE_F1, MIN_LETTERS = 0.6, 20                 # eval_config.py: min_GT_probe_f1, min_feats_for_eval
 MAX_K, F1_JUMP = 10, 0.03                       # eval_config.py: max_k_value, f1_jump_threshold
 COS_FULL, COS_FRAC, PROJ_FRAC, MAX_ABSORBERS = 0.025, 0.1, 0.4, 3   # feature_absorption.py
@@ -99,7 +102,7 @@ def split_prompts(words, rng, n_icl=N_ICL):
     """SAEBench's probing.create_dataset_probe_training: (train words, their prompts, test
     words, their prompts); each split draws its examples from itself."""
     words = rng.sample(words, len(words))
-    n = int(len(words) * 0.8)
+    n = int(len(words) * TRAIN_SHARE)
     tr, te = words[:n], words[n:]
     return tr, [icl_prompt(w, tr, rng, n_icl) for w in tr], te, [icl_prompt(w, te, rng, n_icl) for w in te]
 
@@ -179,6 +182,9 @@ def prepare(tok, resid_fn, *, device, seed=42, batch=64, max_words=None, probe_e
     words = alpha_words(tok)
     if max_words:
         words = rng.sample(words, min(max_words, len(words)))
+    if len(words) < MIN_WORDS:
+        raise ValueError(f"first-letter absorption needs at least {MIN_WORDS} single-token words (each split "
+                         f"prompts a word with {N_ICL} others of its own), got {len(words)}")
     tr, p_tr, te, p_te = split_prompts(words, rng)
     y_tr, y_te = torch.tensor([letter_of(w) for w in tr]), torch.tensor([letter_of(w) for w in te])
     x_tr = read(tok, resid_fn, p_tr, device, batch, progress)

@@ -48,7 +48,7 @@ ROWS = ("ours", "ours + C²R", "dense", "dense + chunked C²R")
 
 def sync(dev):
     if dev.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
 
 
 def timed(batches, stamps, dev, prof=None, prof_steps=()):
@@ -158,13 +158,13 @@ def maxrss_mib():
 
 def start_memory(dev):
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(dev)
     return maxrss_mib()
 
 
 def peak_memory(dev, rss0):
     if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(dev) / 2**20
     return maxrss_mib() - rss0
 
 

@@ -31,10 +31,11 @@ import c2r
 # -----------------------------------------------------------------------------
 # 1. The model
 
-def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0, check=lambda cfg: None):
+def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0, check=lambda cfg: None,
+               hub_tokenizer=True):
     """Returns (model, tok). check(config) runs before the weights load (a bad flag fails fast).
     tok is None only when no tokenizer can be found and none is needed (a --random-init run on
-    --data random)."""
+    --data random, which passes hub_tokenizer=False: no tokenizer download unless --tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2Tokenizer
     if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"--model {name!r}: no such model directory")
@@ -53,6 +54,8 @@ def load_model(name, gguf_file=None, random_init=False, tokenizer=None, seed=0, 
     except Exception as e:
         raise fail(e) from None
     tok = None
+    if not (tokenizer or hub_tokenizer or os.path.isdir(os.path.expanduser(name))):
+        return model.eval(), tok
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer or name, **({} if tokenizer else kw))
     except Exception as e:
@@ -240,14 +243,19 @@ def harvest(model, blocks, layer, rows, model_batch, device, amp=nullcontext()):
 
 
 def timed(chunks, clock):
-    """The chunks, adding up into clock (a dict) the seconds and rows it took to make them."""
+    """The chunks, adding up into clock (a dict) the seconds and rows it took to make them. On a GPU
+    the clock starts once the work queued before (the SAE's last step) is done, so none of it counts."""
+    dev = None
     while True:
+        if dev is not None:
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         c = next(chunks, None)
         if c is None:
             return
         if c.is_cuda:
-            torch.cuda.synchronize()
+            dev = c.device
+            torch.cuda.synchronize(dev)
         clock["s"], clock["tokens"] = clock.get("s", 0.0) + time.perf_counter() - t0, clock.get("tokens", 0) + len(c)
         yield c
 
@@ -459,6 +467,8 @@ def save_saelens(sae, folder, run):
 # 5. What a run read: a fingerprint of its text and model files (size and sha256 of each), stored
 # with every checkpoint and in the cache's settings, so --resume and --cache refuse changed inputs.
 WEIGHTS = (".gguf", ".safetensors", ".bin", ".pt", ".pth", "config.json", "tokenizer.json", "vocab.json", "merges.txt")
+TOKENIZER = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json")      # what transformers reads a tokenizer from
 
 
 def writable_folder(folder, flag):
@@ -486,9 +496,10 @@ def files_fp(paths):
     return out
 
 
-def fingerprint(data, model, gguf_file=None, random_init=False, seed=0, config=None):
+def fingerprint(data, model, gguf_file=None, random_init=False, seed=0, config=None, tokenizer=None):
     """{"data": {file: [size, sha256]} (or the dataset's name), "model": the same for the weights
-    files in --model's directory (or, for --random-init, its config and the seed)}."""
+    files in --model's directory (or, for --random-init, its config and the seed), "tokenizer": the
+    same for the tokenizer's files (--tokenizer's directory, else --model's; or the Hub name)}."""
     fp = dict(data={"random": seed} if data == "random" else
               files_fp(data_files(data)) if os.path.exists(data) else {"dataset": data})
     if random_init:
@@ -498,6 +509,9 @@ def fingerprint(data, model, gguf_file=None, random_init=False, seed=0, config=N
         fp["model"] = files_fp([os.path.join(model, f) for f in names if os.path.isfile(os.path.join(model, f))])
     else:
         fp["model"] = {"hub": model}
+    where = os.path.expanduser(tokenizer or model)
+    fp["tokenizer"] = files_fp([os.path.join(where, f) for f in sorted(os.listdir(where)) if f in TOKENIZER]) \
+        if os.path.isdir(where) else {"hub": tokenizer or model}
     return fp
 
 
@@ -506,8 +520,11 @@ def fingerprint_diff(old, new, where):
     if old is None:
         return [f"{where} does not record the files it was made from (it predates fingerprints)"]
     out = []
-    for part, flag in (("data", "--data"), ("model", "--model")):
-        a, b = old.get(part, {}), new.get(part, {})
+    for part, flag in (("data", "--data"), ("model", "--model"), ("tokenizer", "--tokenizer")):
+        if part not in old:
+            out.append(f"{where} does not record its {part} files (it predates their fingerprints)")
+            continue
+        a, b = old[part], new.get(part, {})
         out += [f"a file was added to {flag}: {f}" for f in b if f not in a]
         out += [f"a file was removed from {flag}: {f}" for f in a if f not in b]
         out += [f"{f} changed since {where} was written (size {a[f][0]} -> {b[f][0]}, "

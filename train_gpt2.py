@@ -128,6 +128,7 @@ NOTES = dict(seed="here also the token order, the shuffle and a --random-init mo
                   "SAE's init alone", bf16="here also the model's forward; CUDA only",
              prefixes="comma-separated; default here: n_latents / 16, / 8, / 4, / 2")
 DEFAULT_RUNS = ["baseline: c2r_lambda=0", "c2r: c2r_lambda=5"]
+TIMING = ("total_s", "eval_s", "activations", "peak_gpu_mem_gib")    # results.json timing's own keys
 
 
 def field_docs(cls):
@@ -223,7 +224,15 @@ def parse_args(argv=None):
     o.add_argument("--ckpt-every", type=i1, default=500, help="checkpoint every N SAE steps")
     o.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k in ("model", "data", "tokenizer", "gguf_file", "cache", "out"):     # transformers does not expand ~
+        if isinstance(getattr(args, k, None), str) and getattr(args, k).startswith("~"):
+            setattr(args, k, os.path.expanduser(getattr(args, k)))
+    import absorption
+    if args.probe_words and args.probe_words < absorption.MIN_WORDS:      # it would fail after all the training
+        p.error(f"--probe-words {args.probe_words}: first-letter absorption needs 0 (skip it) or at least "
+                f"{absorption.MIN_WORDS} words (each split prompts a word with {absorption.N_ICL} others of its own)")
+    return args
 
 
 def parse_runs(entries):
@@ -244,9 +253,9 @@ def parse_runs(entries):
                 raise ValueError(f"--runs {e!r}: {v!r} is not a valid {k}") from None
             raw.append(v if k == "kind" else k.replace("c2r_lambda", "lam") + v)
         name = name.strip() or "_".join(raw) or "flags"
-        if not re.fullmatch(r"[\w.,+=-]+", name) or name in runs:
-            raise ValueError(f"--runs {e!r}: the name {name!r} is {'taken' if name in runs else 'no file name'}: "
-                             f"name it as 'NAME: ...'")
+        if not re.fullmatch(r"[\w.,+=-]+", name) or name in runs or name in TIMING:
+            why = "taken" if name in runs else "a key of results.json's timing" if name in TIMING else "no file name"
+            raise ValueError(f"--runs {e!r}: the name {name!r} is {why}: name it as 'NAME: ...'")
         runs[name] = over
     return runs
 
@@ -281,7 +290,8 @@ def load_net(args, say):
                              f"(0..{cfg.num_hidden_layers - 1})")
         if args.ctx > (getattr(cfg, "max_position_embeddings", None) or float("inf")):
             raise ValueError(f"--ctx {args.ctx} is beyond the model's {cfg.max_position_embeddings} positions")
-    model, tok = lm.load_model(args.model, args.gguf_file, args.random_init, args.tokenizer, args.seed, check)
+    model, tok = lm.load_model(args.model, args.gguf_file, args.random_init, args.tokenizer, args.seed, check,
+                               hub_tokenizer=not (args.random_init and args.data == "random"))
     if args.data != "random" and tok is None:
         raise ValueError(f"cannot load a tokenizer for {args.model!r}: pass --tokenizer DIR")
     blocks, L = lm.blocks_of(model.to(dev)), args.layer
@@ -355,7 +365,7 @@ def train_one(args, name, cfg, batches, scale, run_info, fp, dev, say):
                                  on_step=on_step)
         log = log + new_log
     if dev.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
     wall, src_s, n = time.time() - t0, clock.get("s", 0.0), cfg.steps - start
     return sae.eval(), log, dict(wall_s=wall, steps=n, source_s=src_s, sae_s=wall - src_s,
                                  source_tok_per_s=clock.get("tokens", 0) / max(src_s, 1e-9),
@@ -419,14 +429,14 @@ def run(args):
     lm.writable_folder(args.out, "--out")
     net = load_net(args, say)
     fp = lm.fingerprint(args.data, args.model, args.gguf_file, args.random_init, args.seed,
-                        json.loads(net.model.config.to_json_string()))
+                        json.loads(net.model.config.to_json_string()), args.tokenizer)
     cfgs = {name: config_for(args, name, over, net.D, steps, net.dev) for name, over in runs.items()}
     n_eval = max(1, math.ceil(args.eval_tokens / (args.ctx - 1)))
     eval_ids, _ = lm.contexts(args.data, net.tok, args.ctx, n_eval, net.model.config.vocab_size, args.seed)
     scale, source, acts_info = activations(args, net, n_eval, steps, fp, say)
     say(f"activation scale {scale:.4g}; {len(cfgs)} SAEs, {steps} steps x {args.batch} tokens each")
-    run_info = {k: getattr(args, k) for k in ("model", "gguf_file", "random_init", "layer", "data", "ctx",
-                                              "model_batch", "batch", "normalize", "seed", "act_dtype")}
+    run_info = {k: getattr(args, k) for k in ("model", "gguf_file", "tokenizer", "random_init", "layer", "data",
+                                              "ctx", "model_batch", "batch", "normalize", "seed", "act_dtype")}
     # ranks: each reads its share of the stream, so a checkpoint resumes exactly with as many ranks alone
     run_info.update(tokens=int(args.tokens), eval_tokens=int(args.eval_tokens), buffer=int(args.buffer), ranks=ranks)
 
@@ -450,7 +460,7 @@ def run(args):
         raw = lm.fold(sae, scale)
         c2r.save(raw, os.path.join(args.out, f"{name}.pt"), act_scale=scale, run=run_info, log=log)
         lm.save_saelens(raw, os.path.join(args.out, f"{name}_saelens"), run_info)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if net.dev.type == "cuda" else None
+    mem = torch.cuda.max_memory_allocated(net.dev) / 2 ** 30 if net.dev.type == "cuda" else None
     res["timing"] = dict(total_s=time.time() - t_start, eval_s=eval_s, **timing, activations=acts_info,
                          peak_gpu_mem_gib=mem)
     c2r.atomic_write(os.path.join(args.out, "results.json"), lambda p: Path(p).write_text(json.dumps(res, indent=2)))

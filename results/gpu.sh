@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU number of the README, as the one prepared script for a session with an H200:
 #
-#     OUT=/some/dir bash results/gpu.sh       # about 9 minutes expected; 14 at most (each part has
-#                                             # a timeout): over one device call's 10, so split it with ONLY
+#     OUT=/some/dir bash results/gpu.sh       # about 9 minutes expected; 17 at most (the parts'
+#                                             # timeouts): over one device call's 10 and a session's
+#                                             # 15, so run it as two calls, ONLY="pieces wide" first
 #     SMALL=1 OUT=/tmp/g bash results/gpu.sh  # the same, tiny, on a CPU: to try this script itself
 #     ONLY="pieces wide" OUT=... bash ...      # only these parts (bench wide pieces profile gpt2)
 #
@@ -77,6 +78,7 @@ if on wide; then
     cat "$RUN/huge.txt" >> "$OUT/bench_wide.txt"
 fi
 if on profile; then
+    rm -rf "$RUN/profile"                      # a warm machine keeps $RUN: nothing of an earlier call
     part 30 "$RUN/profile.txt" python3 bench.py "${BENCH[@]}" --c2r-latents --steps 10 --warmup 5 --profile "$RUN/profile"
     mkdir -p "$RUN/profile" && mv "$RUN/profile.txt" "$RUN/profile/" && tar czf "$OUT/profile.tgz" -C "$RUN" profile
 fi
@@ -84,6 +86,7 @@ fi
 TOK=()
 if [ -d .tok/gpt2 ]; then TOK=(--tokenizer .tok/gpt2); fi
 if on gpt2; then
+    rm -rf "$RUN/gpt2"
     t0=$(date +%s%N)
     part 170 "$OUT/gpt2_log.txt" python3 train_gpt2.py --random-init --data random "${TOK[@]}" --out "$RUN/gpt2" --quiet "${GPT2[@]}"
     echo "wall time of the whole train_gpt2.py command: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$OUT/gpt2_log.txt"

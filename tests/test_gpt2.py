@@ -4,6 +4,7 @@ the test: no download, seconds on a CPU."""
 import dataclasses
 import json
 import os
+import random
 import sys
 import types
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import absorption  # noqa: E402
 import c2r  # noqa: E402
 import lm  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
@@ -161,10 +163,11 @@ def test_absorption_call_site(tiny, tmp_path, monkeypatch):
         calls.append(("diff", a["mean_absorption_fraction"], b["mean_absorption_fraction"]))
         return dict(absorption_fraction=dict(diff=0.5, ci95=[0.25, 0.75]))
     monkeypatch.setitem(sys.modules, "absorption", types.SimpleNamespace(
-        prepare=prepare, score=score, bootstrap_diff=bootstrap_diff))
-    res, saes = tg.run(args_for(tiny, tmp_path, "--probe-words", "50", "--runs", "c2r_lambda=5", "base: c2r_lambda=0",
+        prepare=prepare, score=score, bootstrap_diff=bootstrap_diff, MIN_WORDS=absorption.MIN_WORDS,
+        N_ICL=absorption.N_ICL))
+    res, saes = tg.run(args_for(tiny, tmp_path, "--probe-words", "60", "--runs", "c2r_lambda=5", "base: c2r_lambda=0",
                                 "seed=1", "seed=2"))
-    assert calls[0] == ("prepare", 42, 50) and [c[0] for c in calls].count("prepare") == 1   # SAEBench's seed
+    assert calls[0] == ("prepare", 42, 60) and [c[0] for c in calls].count("prepare") == 1   # SAEBench's seed
     assert [c for c in calls if c[0] == "score"] == [("score", 5.0, 0), ("score", 0.0, 0), ("score", 0.0, 1),
                                                      ("score", 0.0, 2)]
     assert [c for c in calls if c[0] == "diff"] == [("diff", 0.25, 0.5), ("diff", 0.75, 0.5), ("diff", None, 0.5)]
@@ -180,11 +183,11 @@ def test_absorption_call_site(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "results.png").stat().st_size > 0
     # with --cache, the model's part is kept beside the activations and never recomputed
     calls.clear()
-    cache = ["--probe-words", "50", "--cache", str(tmp_path / "cache"), "--runs", "c2r_lambda=0"]
+    cache = ["--probe-words", "60", "--cache", str(tmp_path / "cache"), "--runs", "c2r_lambda=0"]
     tg.run(args_for(tiny, tmp_path / "c1", *cache))
     tg.run(args_for(tiny, tmp_path / "c2", *cache))
     assert [c[0] for c in calls] == ["prepare", "score", "score"]
-    assert torch.load(tmp_path / "cache" / "absorption_50_50.pt", weights_only=True) == dict(key="d")
+    assert torch.load(tmp_path / "cache" / "absorption_60_50.pt", weights_only=True) == dict(key="d")
 
 
 def test_absorption_for_real(tiny, tmp_path):
@@ -400,6 +403,9 @@ def test_runs_names_overrides_and_errors():
         tg.parse_runs(["k=8", "k=8"])
     with pytest.raises(ValueError, match="no file name"):
         tg.parse_runs(["a/b: k=8"])
+    for key in tg.TIMING:            # results.json's timing holds these beside each run's: refused by name
+        with pytest.raises(ValueError, match=f"'{key}' is a key of results.json's timing"):
+            tg.parse_runs([f"{key}: c2r_lambda=0"])
     args, dev = tg.parse_args(["--prefixes", "100,200"]), torch.device("cpu")
     cfg = tg.config_for(args, "m", dict(kind="matryoshka"), 64, 10, dev)
     assert cfg.prefixes == (100, 200, 24576) and (cfg.d_model, cfg.steps, cfg.log_every) == (64, 10, 1)
@@ -548,6 +554,32 @@ def test_resume_refuses_changed_inputs(tiny, tmp_path):
         go("--resume")
 
 
+def test_resume_and_cache_refuse_a_changed_tokenizer(tiny, tmp_path):
+    """A --tokenizer folder's files are fingerprinted too (the same text becomes other tokens):
+    --resume and --cache refuse an edited merges.txt, naming it, and a checkpoint that predates
+    tokenizer fingerprints is refused by name."""
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer(str(tok_dir))
+    go = lambda *extra: tg.run(args_for(tiny, tmp_path / "out", "--tokenizer", str(tok_dir), "--cache",
+                                        str(tmp_path / "c"), "--runs", "c2r_lambda=0", *extra))
+    go()
+    merges = tok_dir / "merges.txt"
+    orig = merges.read_text()
+    lines = orig.splitlines(True)
+    merges.write_text("".join(lines[:1] + lines[1::2]))           # every other merge gone: other tokens
+    with pytest.raises(ValueError, match=r"--cache .*merges\.txt changed since the cache was written"):
+        go()
+    with pytest.raises(ValueError, match=r"--resume: .*merges\.txt changed since the checkpoint"):
+        tg.run(args_for(tiny, tmp_path / "out", "--tokenizer", str(tok_dir), "--runs", "c2r_lambda=0", "--resume"))
+    merges.write_text(orig)
+    ck = tmp_path / "out" / "lam0.ckpt.pt"
+    sae, extra = c2r.load(ck)
+    extra["inputs"] = {k: v for k, v in extra["inputs"].items() if k != "tokenizer"}
+    c2r.save(sae, ck, **extra)
+    with pytest.raises(ValueError, match=r"does not record its tokenizer files"):
+        go("--resume")
+
+
 def test_cache_refuses_other_text(tiny, tmp_path):
     _, text, _, _ = tiny
     a = tmp_path / "a.txt"
@@ -589,11 +621,36 @@ def test_data_must_be_regular_utf8_text(tiny, tmp_path):
 @pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--ctx", "1"), ("--model-batch", "0"),
                                         ("--ckpt-every", "0"), ("--tokens", "nan"), ("--tokens", "inf"),
                                         ("--tokens", "0"), ("--eval-tokens", "-5"), ("--buffer", "nan"),
-                                        ("--layer", "-1"), ("--probe-words", "-1"), ("--batch", "2.5")])
+                                        ("--layer", "-1"), ("--probe-words", "-1"), ("--batch", "2.5"),
+                                        ("--probe-words", "1"), ("--probe-words", str(absorption.MIN_WORDS - 1))])
 def test_bad_flags_exit_2(tiny, tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         args_for(tiny, tmp_path, flag, value)
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_probe_words_bound_is_the_splits(tiny):
+    """--probe-words' least value, MIN_WORDS (51), is the fewest words whose smaller (test) split
+    holds a word and N_ICL = 10 others to prompt it with: 50 fails in absorption's own split, 51
+    does not; a tokenizer with too few words is refused by name."""
+    tok, rng = tiny[3], random.Random(0)
+    words = [f" w{i}" for i in range(absorption.MIN_WORDS)]
+    absorption.split_prompts(words, rng)
+    with pytest.raises(ValueError):
+        absorption.split_prompts(words[:-1], rng)
+    with pytest.raises(ValueError, match=f"at least {absorption.MIN_WORDS} single-token words.*got 40"):
+        absorption.prepare(tok, None, device="cpu", max_words=40)      # before any model work
+
+
+def test_random_run_looks_up_no_hub_tokenizer(monkeypatch):
+    """--random-init on --data random needs no tokenizer: none is looked up on the Hub (the
+    README's "no download" command), unless --tokenizer names one."""
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a tokenizer was looked up"))
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: cfg)
+    _, tok = lm.load_model("someone/model", random_init=True, hub_tokenizer=False)
+    assert tok is None
 
 
 def test_flags_checked_before_the_model_loads(tiny, tmp_path, monkeypatch):
