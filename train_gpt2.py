@@ -364,6 +364,9 @@ def train_one(args, name, cfg, batches, scale, run_info, fp, dev, say):
         sae, new_log = c2r.train(sae, batches, progress=not args.quiet, start=start, opt_state=opt_state,
                                  on_step=on_step)
         log = log + new_log
+        for before, row in zip(log, log[1:]):   # a row repeats the last check (c2r.train); a resumed call's first
+            if row["nbr_err"] is None:          # rows before its first check have none: the checkpoint's log does
+                row["nbr_err"] = before["nbr_err"]
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall, src_s, n = time.time() - t0, clock.get("s", 0.0), cfg.steps - start

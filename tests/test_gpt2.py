@@ -349,6 +349,27 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch):
         tg.run(args_for(tiny, tmp_path / "b", "--resume", "--n-latents", "64"))
 
 
+def test_resumed_log_repeats_the_last_check(tiny, tmp_path, monkeypatch):
+    """44 steps, a log row every 2 and a check of the neighbour table at each: a run resumed from
+    step 43 (after the last check) logs the same rows as one never stopped, the last row's nbr_err
+    included (it repeats the check of step 42, which only the checkpoint's log holds)."""
+    flags = ["--tokens", str(44 * 256), "--ckpt-every", "43", "--runs", "c2r_lambda=5"]
+    tg.run(args_for(tiny, tmp_path / "a", *flags))
+    real_save = c2r.save
+
+    def crashing_save(sae, path, **extra):
+        real_save(sae, path, **extra)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(c2r, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        tg.run(args_for(tiny, tmp_path / "b", *flags))
+    monkeypatch.setattr(c2r, "save", real_save)
+    tg.run(args_for(tiny, tmp_path / "b", *flags, "--resume"))
+    (_, a), (_, b) = c2r.load(tmp_path / "a" / "lam5.pt"), c2r.load(tmp_path / "b" / "lam5.pt")
+    assert a["log"][-1]["step"] == 43 and a["log"][-1]["nbr_err"] is not None
+    assert b["log"] == a["log"]
+
+
 @dataclasses.dataclass
 class Documented:
     a: int = 1                  # the a
