@@ -223,10 +223,9 @@ def heading(W_FD, opt, steps, k=None):
     Adam state. k: Adam's step count, if the caller keeps it (train() does: a fused Adam keeps it on
     the GPU, and reading it there would wait for the GPU; without k, heading reads it)."""
     # the parameter W_FD is, or views as its transpose: the one the optimizer keeps state for
-    found = [(g, p) for g in opt.param_groups for p in g["params"]
-             if p.data_ptr() == W_FD.data_ptr() and W_FD.shape in (p.shape, p.T.shape)]
-    group, p = found[0] if found else (None, None)
-    st = opt.state.get(p, {}) if found else {}
+    group, p = next(((g, p) for g in opt.param_groups for p in g["params"]
+                     if p.data_ptr() == W_FD.data_ptr() and W_FD.shape in (p.shape, p.T.shape)), (None, None))
+    st = opt.state.get(p, {})
     st = st if "exp_avg" in st else None       # not Adam's (SGD's momentum): no look-ahead
     k = float(st["step"]) if st and k is None else k
     if steps == 0 or not st or not k:      # no step yet (or a state of step 0: a failed first step)
