@@ -8,9 +8,10 @@ Speed of one SAE training step, side by side, and of c2r_loss alone (README, Spe
 The step rows, all TopK with the same SAE, optimiser and batch:
   ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
   ours + C²R      the same with C²R (lambda 5, alpha 1) and c2r.train's rolling neighbour search: F/R
-                  rows a step (R: Config's default, min(ceil(F / 512), 16, sqrt(0.02 / lr)), unless --nbr-every; lr:
-                  --lr, by default 2e-4 / sqrt(F / 16,384) as dictionary_learning scales it), m candidates
-                  and the h busiest latents' matches (--nbr-hot) re-ranked every step. After the timed
+                  rows a step, ranked in bf16 (R: Config's default, min(ceil(F / 512), 16,
+                  sqrt(0.02 / lr)), unless --nbr-every; lr: --lr, by default 2e-4 / sqrt(F / 16,384)
+                  as dictionary_learning scales it), m candidates and the h busiest latents'
+                  matches (--nbr-hot) re-ranked every step. After the timed
                   steps, --err-steps more measure how far its penalty is from the exact one (a fresh
                   full search), on the same decoder and codes
   dense           a straightforward step: dense codes, dense decode, dense backward, no C²R
@@ -299,7 +300,7 @@ def c2r_row(a, n_latents):
 def parts_row(a, n_latents):
     """What a step of train()'s rolling search costs, piece by piece, on a fresh SAE whose Adam has
     stepped twice (random gradients: the costs do not depend on the values): the look-ahead
-    (c2r.heading over all F rows), the search of one slice of F/R rows (bf16 under --amp bf16),
+    (c2r.heading over all F rows), the search of one slice of F/R rows (ranked in bf16 at R > 1),
     the re-ranking of all F*m candidates with the h busiest latents' matches (their top-h, an [F, h]
     matmul under --amp, as in train()), the penalty (code_norms of k*B codes + C²R's terms, forward
     and backward), and train()'s check (table_error, once every log_every steps). Median of reps."""
@@ -331,7 +332,7 @@ def parts_row(a, n_latents):
 
     def search():
         with amp:
-            c2r.search_rows_(P, C, 0, hi, unit_rows=True)
+            c2r.search_rows_(P, C, 0, hi, unit_rows=True, bf16=R > 1)
 
     def penalty():     # as train() computes it: the terms on the unit rows, no index check
         vals.grad = W.grad = None

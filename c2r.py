@@ -136,19 +136,42 @@ def nearest_neighbours(W_dec_FD, *, block=2048):
 
 
 @torch.no_grad()
-def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False):
+def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False, bf16=False):
     """cand_FM[lo:hi] <- the m = cand_FM.shape[1] most similar other latents of rows lo..hi-1, in index
     order: exact, over the whole dictionary, memory O(block * F). train() searches a slice of F/R rows
-    a step, so every row is renewed once per R steps at an even cost. unit_rows: rows kept unit norm."""
-    if not 1 <= cand_FM.shape[1] < len(W_dec_FD):   # more would list a row as its own candidate
-        raise ValueError(f"search_rows_: {cand_FM.shape[1]} candidates a row need at least "
-                         f"{cand_FM.shape[1] + 1} latents, W_dec has {len(W_dec_FD)}: use 1 <= m <= n_latents - 1")
+    a step, so every row is renewed once per R steps at an even cost. unit_rows: rows kept unit norm.
+    bf16 (or bf16 autocast): the cosines are ranked in bf16 (2-3x fp32's rate on a CPU, as on tensor
+    cores) and each row's 4m best measured again in fp32, the m best kept: the same m as an fp32
+    search unless 3m others lie within bf16's rounding (~1e-3) of them. Rounding alone lost the true
+    neighbour from C²R's flat-topped lists as the lr decayed (0.7 % off, 2.4 % at a step; refresh.md)."""
+    m, n = cand_FM.shape[1], len(W_dec_FD)
+    if not 1 <= m < n:   # more would list a row as its own candidate
+        raise ValueError(f"search_rows_: {m} candidates a row need at least {m + 1} latents, W_dec has {n}: "
+                         f"use 1 <= m <= n_latents - 1")
     W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
+    W = W.to(torch.promote_types(W.dtype, torch.float32))
+    Wq = W.bfloat16() if bf16 else W
     for s in range(lo, hi, block):
-        cos = W[s:min(s + block, hi)] @ W.T                  # [block, F]
+        cos = Wq[s:min(s + block, hi)] @ Wq.T                # [block, F]
         cos.diagonal(s).fill_(-float("inf"))                 # not your own neighbour
-        cand_FM[s:s + len(cos)] = top_m(cos, cand_FM.shape[1]).sort(dim=1).values
+        if cos.dtype.itemsize < 4:                           # bf16: the 4m best again, in fp32
+            X = top_m(cos, min(4 * m, n - 1)).sort(dim=1).values
+            cos = pair_cosines(W[s:s + len(cos)], W, X)
+            cand_FM[s:s + len(cos)] = X.gather(1, cos.topk(m, dim=1).indices).sort(dim=1).values
+        else:
+            cand_FM[s:s + len(cos)] = top_m(cos, m).sort(dim=1).values
     return cand_FM
+
+
+def pair_cosines(A_ND, B_FD, X_NK):
+    """<A[i], B[X[i, k]]> [N, K] (X's rows ascending), by a sampled matmul: no [N, K, D] gather; in
+    A's dtype even under autocast."""
+    N, K = X_NK.shape
+    with warnings.catch_warnings():     # torch warns that sparse CSR is beta, and of the checks skipped
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta|Sparse invariant checks")
+        csr = torch.sparse_csr_tensor(torch.arange(0, N * K + 1, K, device=A_ND.device), X_NK.flatten(),
+                                      A_ND.new_zeros(N * K), (N, len(B_FD)), check_invariants=False)
+        return torch.sparse.sampled_addmm(csr, A_ND, B_FD.T, beta=0.0).values().view(N, K)
 
 
 def top_m(x_NF, m, run=64):
@@ -175,7 +198,7 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
     gather), in fp32 even under autocast (so a bf16 search need only get the neighbour into the m);
     ties: the lowest index of those offered. It follows near-tie swaps exactly. hot_H [h]: latents
     every latent also meets (train(): the h busiest in the batch, whose pairs weigh most in the
-    penalty), by an [F, h] matmul in the caller's precision, as the search: each latent's 4 closest
+    penalty), by an [F, h] matmul in the caller's precision: each latent's 4 closest
     of them, and each hot latent's 4 closest of all latents (min(4, h) if h < 4), join the
     candidates, 4 F cosines more."""
     W = W_dec_FD.detach() if unit_rows else F.normalize(W_dec_FD.detach(), dim=1)
@@ -184,22 +207,15 @@ def rerank(W_dec_FD, cand_FM, *, unit_rows=False, hot_H=None):
         torch._assert_async((cand_FM >= 0).all(), "rerank: cand_FM holds -1: fill it with search_rows_ first")
     n = len(W)
 
-    def cosines(X_FK):     # <w_i, w_X[i, k]> [F, K], a sampled matmul (no [F, K, D] gather); fp32 under autocast
-        K = X_FK.shape[1]
-        with warnings.catch_warnings():     # torch warns that sparse CSR is beta, and of the checks skipped
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta|Sparse invariant checks")
-            csr = torch.sparse_csr_tensor(torch.arange(0, n * K + 1, K, device=W.device), X_FK.flatten(),
-                                          W.new_zeros(n * K), (n, n), check_invariants=False)
-            return torch.sparse.sampled_addmm(csr, W, W.T, beta=0.0).values().view(n, K)
-    cos_FM = cosines(cand_FM)
-    if hot_H is not None and len(hot_H):     # found in the caller's precision, as the search's, measured in fp32
+    cos_FM = pair_cosines(W, W, cand_FM)     # fp32 even under autocast
+    if hot_H is not None and len(hot_H):     # found in the caller's precision, measured in fp32
         cos_FH = W @ W[hot_H].T
         cos_FH[hot_H, torch.arange(len(hot_H), device=W.device)] = -float("inf")    # not your own neighbour
         t = min(4, len(hot_H), n - 1)
         X_FT = hot_H[cos_FH.topk(t, dim=1).indices]
         X_FT[hot_H] = cos_FH.topk(t, dim=0).indices.T
         X_FT = X_FT.sort(dim=1).values             # CSR rows in index order, as cuSPARSE expects
-        cand_FM, cos_FM = torch.cat([cand_FM, X_FT], dim=1), torch.cat([cos_FM, cosines(X_FT)], dim=1)
+        cand_FM, cos_FM = torch.cat([cand_FM, X_FT], dim=1), torch.cat([cos_FM, pair_cosines(W, W, X_FT)], dim=1)
     own_F = cos_FM.amax(1)
     nbr_F = torch.where(cos_FM == own_F[:, None], cand_FM, n).amin(1)      # ties: the lowest index
     # The other way round: j's list may be newer than i's (searched since), so j finding i close is
@@ -281,7 +297,7 @@ class Config:
                                  # every step, the exact definition. 0 = the default, min(ceil(F / 512), 16,
                                  # sqrt(0.02 / lr)), floored, >= 1: ~512 rows a step or more, and lr R^2 <= 0.02, as
                                  # the table strays from exact as ~lr R^2 (0.29 % off over 6,000 steps at 8,192
-                                 # latents, R 8; results/refresh.md)
+                                 # latents, R 8; results/refresh.md). R > 1 ranks in bf16 (search_rows_)
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents] (fewer: further off exact; refresh.md)
     nbr_ahead: float = 1.0       # the search looks where the rows will be after (R - 1) * nbr_ahead more steps of
@@ -634,7 +650,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 never_searched = step == start and C[0, 0] < 0   # SAE() fills C with -1; a resume keeps its lists
                 lo, hi = (0, n) if never_searched else (step % R * n // R, (step % R + 1) * n // R)
                 P = heading(W, opt, (R - 1) * cfg.nbr_ahead, n_adam)   # the candidates serve R - 1 more steps
-                C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True)[a:b].clone(), lo, hi)
+                C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True, bf16=R > 1)[a:b].clone(),
+                                   lo, hi)     # R > 1: ranked in bf16 (R = 1 stays exact)
                 h = cfg.nbr_hot_count()
                 hot = a_F.detach().topk(h).indices if h else None
                 sae.nbr_F.copy_(rerank(W, C, unit_rows=True, hot_H=hot))

@@ -400,6 +400,35 @@ def test_bf16_search_then_fp32_rerank_is_exact():
     assert want[0] == 1 and torch.equal(got, want)
 
 
+def test_bf16_search_measures_its_best_again_in_fp32():
+    """search_rows_(bf16=True), or under bf16 autocast, ranks in bf16 and measures each row's 4m best
+    again in fp32: the same candidates as an fp32 search, also where more than m near-ties round to
+    one bf16 value (latent 0's neighbours 1..6 at cosines 0.8991..0.8996, all 0.8984 in bf16), where
+    a bf16 top-m alone keeps any m of them (so train() lost the true neighbour late in a run)."""
+    g = torch.Generator().manual_seed(0)
+    W = F.normalize(torch.randn(40, 16, generator=g), dim=1) * 0.3
+    W[:7] = 0
+    W[0, 0] = 1
+    for j in range(1, 7):      # cos(w_0, w_j) = 0.899 + 1e-4 j; cos(w_i, w_j) ~ 0.81 for 1 <= i < j <= 6
+        c = 0.899 + 1e-4 * j
+        W[j, 0], W[j, j] = c, (1 - c * c) ** 0.5
+    W = F.normalize(W, dim=1)
+    want = c2r.search_rows_(W, torch.zeros(40, 2, dtype=torch.long), 0, 40)
+    assert want[0].tolist() == [5, 6]
+    Wb = W.bfloat16()
+    assert len(set((Wb @ Wb.T)[0, 1:7].tolist())) == 1      # bf16 cannot rank them
+    got = c2r.search_rows_(W, torch.zeros(40, 2, dtype=torch.long), 0, 40, bf16=True)
+    assert torch.equal(got, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = c2r.search_rows_(W, torch.zeros(40, 2, dtype=torch.long), 7, 40)
+    assert torch.equal(got[7:], want[7:])
+    W = F.normalize(torch.randn(300, 24, generator=g), dim=1)     # and on random rows, in slices
+    C, Cb = torch.zeros(300, 5, dtype=torch.long), torch.zeros(300, 5, dtype=torch.long)
+    c2r.search_rows_(W, C, 0, 300, block=64)
+    c2r.search_rows_(W, Cb, 0, 300, block=64, bf16=True)
+    assert torch.equal(C, Cb)
+
+
 @pytest.mark.parametrize("R", [1, 32])
 def test_train_warns_when_the_table_is_far_off(R):
     """A table that gives a penalty more than 10 % off the exact one is a different loss: train()
