@@ -11,9 +11,9 @@ The step rows, all TopK with the same SAE, optimiser and batch:
                   rows a step, ranked in bf16 (R: Config's default, min(ceil(F / 512), 16,
                   sqrt(0.02 / lr)), unless --nbr-every; lr: --lr, by default 2e-4 / sqrt(F / 16,384)
                   as dictionary_learning scales it), m candidates and the h busiest latents'
-                  matches (--nbr-hot) re-ranked every step. After the timed
-                  steps, --err-steps more measure how far its penalty is from the exact one (a fresh
-                  full search), on the same decoder and codes
+                  matches (--nbr-hot) re-ranked every step. After the timed steps, --err-steps more
+                  measure how far its penalty is from the exact one (a fresh full search), on the
+                  same decoder and codes
   dense           a straightforward step: dense codes, dense decode, dense backward, no C²R
   dense + chunked the same with C²R as the authors' code computes it, every step: the latents cut
                   into random chunks of 8,192, a cosine matrix per chunk (neighbours within the

@@ -152,14 +152,14 @@ def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False, bf16
     W = W.to(torch.promote_types(W.dtype, torch.float32))
     Wq = W.bfloat16() if bf16 else W
     for s in range(lo, hi, block):
-        cos = Wq[s:min(s + block, hi)] @ Wq.T                # [block, F]
+        e = min(s + block, hi)
+        cos = Wq[s:e] @ Wq.T                                 # [block, F]
         cos.diagonal(s).fill_(-float("inf"))                 # not your own neighbour
         if cos.dtype.itemsize < 4:                           # bf16: the 4m best again, in fp32
             X = top_m(cos, min(4 * m, n - 1)).sort(dim=1).values
-            cos = pair_cosines(W[s:s + len(cos)], W, X)
-            cand_FM[s:s + len(cos)] = X.gather(1, cos.topk(m, dim=1).indices).sort(dim=1).values
+            cand_FM[s:e] = X.gather(1, pair_cosines(W[s:e], W, X).topk(m, dim=1).indices).sort(dim=1).values
         else:
-            cand_FM[s:s + len(cos)] = top_m(cos, m).sort(dim=1).values
+            cand_FM[s:e] = top_m(cos, m).sort(dim=1).values
     return cand_FM
 
 
