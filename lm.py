@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -362,6 +363,15 @@ def open_cache(folder, settings, n_rows):
     bad = [i for i, (a, n) in enumerate(zip(shards, man["shards"])) if a.shape != (n, settings["d_model"])]
     if bad:
         raise ValueError(f"--cache {folder}: shard {shard_path(folder, bad[0])} is not the one the manifest lists")
+    # np.load memory-maps a damaged shard without a word: check the shards this run reads against the
+    # manifest's sha256s (a pass over them, ~1-2 GB/s, before training rather than a wrong run after)
+    need = [shard_path(folder, i) for i in range(len(shards)) if sum(man["shards"][:i]) < n_rows]
+    if "sha256" not in man:
+        warnings.warn(f"--cache {folder} has no checksums (written before the manifest held them): not verified",
+                      stacklevel=2)
+    elif bad := [p for p, (_, h), want in zip(need, files_fp(need).values(), man["sha256"]) if h != want]:
+        raise ValueError(f"--cache {folder}: shard {bad[0]} is damaged: its contents do not match the sha256 "
+                         f"its manifest lists (delete the shard and the manifest, and rerun to harvest it again)")
     return shards
 
 
@@ -409,10 +419,11 @@ def fill_cache(folder, settings, rows, harvest_fn, n_rows, scale, say):
                 np.save(f, a)
         c2r.atomic_write(shard_path(folder, i), write)
     barrier()
-    sizes = [len(np.load(p, mmap_mode="r")) for i in range(max(done, -(-n_rows // per)))
-             if os.path.exists(p := shard_path(folder, i))]
+    paths = [p for i in range(max(done, -(-n_rows // per))) if os.path.exists(p := shard_path(folder, i))]
+    sizes = [len(np.load(p, mmap_mode="r")) for p in paths]
     man = dict(settings, tokens=sum(sizes), shards=sizes, scale=scale, date=time.ctime())
     if rank == 0:
+        man["sha256"] = [h for _, h in files_fp(paths).values()]     # open_cache checks them
         c2r.atomic_write(man_path, lambda p: Path(p).write_text(json.dumps(man, indent=1)))
     barrier()
     return man

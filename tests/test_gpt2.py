@@ -246,6 +246,17 @@ def test_cache_refuses_other_settings_and_incomplete_caches(tiny, tmp_path):
     with pytest.raises(ValueError, match=f"holds {n} activations, this run needs {n + 1}"):
         lm.open_cache(str(cache), settings, n + 1)
     a = np.load(cache / "acts_00000.npy")
+    b = a.copy()
+    b[7, 3] = -b[7, 3] if b[7, 3] else 1                            # one value flipped, the shape kept
+    np.save(cache / "acts_00000.npy", b)
+    with pytest.raises(ValueError, match="acts_00000.npy is damaged: its contents do not match the sha256"):
+        tg.run(args_for(tiny, tmp_path / "c", "--cache", str(cache)))
+    np.save(cache / "acts_00000.npy", a)
+    man = json.load(open(cache / "manifest.json"))
+    del man["sha256"]                                               # a cache from before the checksums
+    (cache / "manifest.json").write_text(json.dumps(man))
+    with pytest.warns(UserWarning, match="no checksums"):
+        assert len(lm.open_cache(str(cache), settings, n)) == 1
     np.save(cache / "acts_00000.npy", a[:-1])                       # a shard that is not the manifest's
     with pytest.raises(ValueError, match="not the one the manifest lists"):
         tg.run(args_for(tiny, tmp_path / "c", "--cache", str(cache)))
@@ -287,7 +298,8 @@ def test_interrupted_harvest_resumes(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(lm, "harvest", counting_harvest)
     _, resumed = tg.run(args_for(tiny, tmp_path / "b", "--cache", str(tmp_path / "cut")))
     man = json.load(open(tmp_path / "whole" / "manifest.json"))
-    assert json.load(open(tmp_path / "cut" / "manifest.json"))["shards"] == man["shards"] == [120] * 24
+    cut = json.load(open(tmp_path / "cut" / "manifest.json"))
+    assert cut["shards"] == man["shards"] == [120] * 24 and cut["sha256"] == man["sha256"]    # the same bytes
     assert not os.path.exists(half) and not [f for f in os.listdir(tmp_path / "cut") if "tmp" in f]
     assert len(chunks) == 1 + 24 - 5                                  # the scale's batch, then the missing shards
     for i in range(24):
