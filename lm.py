@@ -9,15 +9,22 @@ Read it top to bottom:
   4. export: an SAE trained on scaled activations, rewritten for raw ones; the SAELens layout
   5. fingerprints of the files a run read, so --resume and --cache refuse changed inputs
   6. the figure: absorption against CE loss recovered and FVU
+  7. flags from a dataclass (c2r.Config's fields), with its comments as help
 """
 
+import argparse
+import ast
 import functools
 import hashlib
 import importlib.metadata
+import inspect
+import io
 import itertools
 import json
+import math
 import os
 import time
+import tokenize
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -577,3 +584,52 @@ def plot(res, path):
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# 7. Flags from a dataclass: train_gpt2.py's SAE flags are c2r.Config's fields, with their types,
+# defaults and the comments beside them as help
+
+class HelpFormat(argparse.RawDescriptionHelpFormatter):   # shows defaults, but of on/off flags and unset ones
+    def _get_help_string(self, a):
+        on_off = a.nargs == 0 and not isinstance(a, argparse.BooleanOptionalAction)
+        return a.help if on_off or a.default is None else a.help + " (default: %(default)s)"
+
+
+def field_docs(cls):
+    """{field: help}, from the class's source: the field's trailing `# comment` (continued by the
+    comment lines indented under it) or the attribute docstring after it."""
+    src = inspect.cleandoc(inspect.getsource(cls))
+    lines = src.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    body, docs = ast.parse(src).body[0].body, {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+            continue
+        text, ln = [comments.get(node.end_lineno, "")], node.end_lineno
+        while ln < len(lines) and lines[ln].lstrip().startswith("#") and \
+                len(lines[ln]) - len(lines[ln].lstrip()) > node.col_offset:
+            text, ln = text + [comments[ln + 1]], ln + 1
+        docs[node.target.id] = " ".join(t for t in text if t)
+    return docs
+
+
+def field_type(f):
+    """The field's type as a parser of strings (a flag's or a --runs value)."""
+    t = f.type if isinstance(f.type, type) else type(f.default)
+    return {tuple: lambda s: tuple(int(v) for v in s.split(",") if v),
+            bool: lambda s: {"true": True, "false": False}[s.lower()]}.get(t, t)
+
+
+def at_least(t, lo, strict=False):
+    """A flag's parser: a finite t >= lo (> lo if strict), else argparse's error (exit 2)."""
+    def parse(s):
+        v = t(s)
+        if not math.isfinite(v) or v < lo or (strict and v == lo):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {lo}, got {s!r}")
+        return v
+    return parse

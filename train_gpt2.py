@@ -17,11 +17,8 @@ fingerprints of the input files, the figure):
 """
 
 import argparse
-import ast
 import dataclasses
 import functools
-import inspect
-import io
 import itertools
 import json
 import math
@@ -29,7 +26,6 @@ import os
 import re
 import sys
 import time
-import tokenize
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -131,63 +127,20 @@ DEFAULT_RUNS = ["baseline: c2r_lambda=0", "c2r: c2r_lambda=5"]
 TIMING = ("total_s", "eval_s", "activations", "peak_gpu_mem_gib")    # results.json timing's own keys
 
 
-def field_docs(cls):
-    """{field: help}, from the class's source: the field's trailing `# comment` (continued by the
-    comment lines indented under it) or the attribute docstring after it."""
-    src = inspect.cleandoc(inspect.getsource(cls))
-    lines = src.splitlines()
-    comments = {t.start[0]: t.string.lstrip("#").strip()
-                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
-    body, docs = ast.parse(src).body[0].body, {}
-    for node, nxt in zip(body, body[1:] + [None]):
-        if not isinstance(node, ast.AnnAssign):
-            continue
-        if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-            continue
-        text, ln = [comments.get(node.end_lineno, "")], node.end_lineno
-        while ln < len(lines) and lines[ln].lstrip().startswith("#") and \
-                len(lines[ln]) - len(lines[ln].lstrip()) > node.col_offset:
-            text, ln = text + [comments[ln + 1]], ln + 1
-        docs[node.target.id] = " ".join(t for t in text if t)
-    return docs
-
-
-def field_type(f):
-    """The field's type as a parser of strings (a flag's or a --runs value)."""
-    t = f.type if isinstance(f.type, type) else type(f.default)
-    return {tuple: lambda s: tuple(int(v) for v in s.split(",") if v),
-            bool: lambda s: {"true": True, "false": False}[s.lower()]}.get(t, t)
-
-
-def at_least(t, lo, strict=False):
-    """A flag's parser: a finite t >= lo (> lo if strict), else argparse's error (exit 2)."""
-    def parse(s):
-        v = t(s)
-        if not math.isfinite(v) or v < lo or (strict and v == lo):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {lo}, got {s!r}")
-        return v
-    return parse
-
-
 def parse_args(argv=None):
-    class Fmt(argparse.RawDescriptionHelpFormatter):    # shows defaults, but of on/off flags and unset ones
-        def _get_help_string(self, a):
-            on_off = a.nargs == 0 and not isinstance(a, argparse.BooleanOptionalAction)
-            return a.help if on_off or a.default is None else a.help + " (default: %(default)s)"
-    i1, f0 = at_least(int, 1), at_least(float, 0, strict=True)    # validated as parsed, before any work
-    p = argparse.ArgumentParser(description=__doc__.split("\nRead it")[0].strip(), formatter_class=Fmt)
+    i1, f0 = lm.at_least(int, 1), lm.at_least(float, 0, strict=True)    # validated as parsed, before any work
+    p = argparse.ArgumentParser(description=__doc__.split("\nRead it")[0].strip(), formatter_class=lm.HelpFormat)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="gpt2", help="Hugging Face causal LM name or local directory")
     m.add_argument("--gguf-file", default=None, help="GGUF file inside --model's directory")
     m.add_argument("--tokenizer", default=None, help="tokenizer name/directory, if not --model's")
     m.add_argument("--random-init", action="store_true", help="same architecture, random weights (speed runs)")
-    m.add_argument("--layer", type=at_least(int, 0), default=8, help="read the residual stream after this block")
+    m.add_argument("--layer", type=lm.at_least(int, 0), default=8, help="read the residual stream after this block")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="Skylion007/openwebtext",
                    help="a .txt file or folder of them, a Hugging Face dataset (streamed; needs `datasets`), "
                         "or 'random' (uniform random tokens, for speed runs)")
-    d.add_argument("--ctx", type=at_least(int, 2), default=128, help="context length, BOS included")
+    d.add_argument("--ctx", type=lm.at_least(int, 2), default=128, help="context length, BOS included")
     d.add_argument("--tokens", type=f0, default=10_000_000, help="training tokens (activations) per SAE")
     d.add_argument("--eval-tokens", type=f0, default=2 ** 17, help="held-out tokens for the evaluation")
     d.add_argument("--model-batch", type=i1, default=256, help="contexts per forward pass")
@@ -202,19 +155,19 @@ def parse_args(argv=None):
                         "which stores that, else float32)")
     s = p.add_argument_group("SAE: c2r.Config's fields; each run's field=value overrides them",
                              "set here: " + "; ".join(f"{k}: {v}" for k, v in SET_HERE.items()))
-    docs = field_docs(c2r.Config)
+    docs = lm.field_docs(c2r.Config)
     for f in dataclasses.fields(c2r.Config):
         if f.name not in SET_HERE:
             h = "; ".join(t for t in (docs.get(f.name), NOTES.get(f.name)) if t) or "see c2r.Config"
             kw = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else \
-                dict(type=field_type(f), metavar=f.name.upper(), choices=c2r.KINDS if f.name == "kind" else None)
+                dict(type=lm.field_type(f), metavar=f.name.upper(), choices=c2r.KINDS if f.name == "kind" else None)
             s.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=h.replace("%", "%%"), **kw)
     p.set_defaults(n_latents=24576, k=32, bf16=True)      # GPT-2 small's SAE: Config's defaults are the toy's
     s.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, metavar="RUN",
                    help="one SAE per entry, all on the same batches: 'field=value ...' on top of the flags, "
                         "optionally named 'NAME: field=value ...'")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--probe-words", type=at_least(int, 0), default=None, help="first-letter absorption "
+    e.add_argument("--probe-words", type=lm.at_least(int, 0), default=None, help="first-letter absorption "
                    "(absorption.py) on a seeded subset of this many single-token words; default: all, as SAEBench; "
                    "0: skip it")
     e.add_argument("--probe-epochs", type=i1, default=50, help="epochs of the letter probes (SAEBench: 50)")
@@ -248,7 +201,7 @@ def parse_runs(entries):
                 raise ValueError(f"--runs {e!r}: {kv!r} is not field=value with a field of c2r.Config "
                                  f"({', '.join(known)})")
             try:
-                over[k] = field_type(known[k])(v)
+                over[k] = lm.field_type(known[k])(v)
             except (ValueError, KeyError):
                 raise ValueError(f"--runs {e!r}: {v!r} is not a valid {k}") from None
             raw.append(v if k == "kind" else k.replace("c2r_lambda", "lam") + v)
@@ -409,6 +362,27 @@ def evaluate(args, net, eval_ids, cfgs, saes, scale):
     return res
 
 
+def save_and_report(args, net, res, saes, scale, t_start):
+    """Stage 6: each SAE as our checkpoint (exact reload) and in the SAELens layout; then, with the
+    whole run's time and peak memory, results.json, the table and the figure."""
+    for name, r in res["saes"].items():        # worse than predicting the mean activation: say so, even --quiet
+        if r["fvu"] > 1:
+            print(f"warning: SAE {name!r} has FVU {r['fvu']:.3f} > 1 on the held-out tokens", file=sys.stderr)
+    for name, (sae, log) in saes.items():
+        raw = lm.fold(sae, scale)
+        c2r.save(raw, os.path.join(args.out, f"{name}.pt"), act_scale=scale, run=res["run"], log=log)
+        lm.save_saelens(raw, os.path.join(args.out, f"{name}_saelens"), res["run"])
+    mem = torch.cuda.max_memory_allocated(net.dev) / 2 ** 30 if net.dev.type == "cuda" else None
+    res["timing"].update(total_s=time.time() - t_start, peak_gpu_mem_gib=mem)
+    c2r.atomic_write(os.path.join(args.out, "results.json"), lambda p: Path(p).write_text(json.dumps(res, indent=2)))
+    print(table(res))
+    try:
+        if any(g["absorption"] for g in res["groups"]):        # a figure of absorption, where there is some
+            lm.plot(res, os.path.join(args.out, "results.png"))
+    except ImportError:
+        print("matplotlib is not installed: no figure (pip install matplotlib)", file=sys.stderr)
+
+
 def run(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():   # torchrun
         if args.device == "cuda":               # one GPU per rank
@@ -455,24 +429,8 @@ def run(args):
     t0 = time.time()
     res = dict(run=run_info, scale=scale, configs={n: asdict(c) for n, c in cfgs.items()},
                **evaluate(args, net, eval_ids, cfgs, saes, scale))
-    eval_s = time.time() - t0
-    for name, r in res["saes"].items():        # worse than predicting the mean activation: say so, even --quiet
-        if r["fvu"] > 1:
-            print(f"warning: SAE {name!r} has FVU {r['fvu']:.3f} > 1 on the held-out tokens", file=sys.stderr)
-    for name, (sae, log) in saes.items():       # our checkpoint (exact reload) and the SAELens layout
-        raw = lm.fold(sae, scale)
-        c2r.save(raw, os.path.join(args.out, f"{name}.pt"), act_scale=scale, run=run_info, log=log)
-        lm.save_saelens(raw, os.path.join(args.out, f"{name}_saelens"), run_info)
-    mem = torch.cuda.max_memory_allocated(net.dev) / 2 ** 30 if net.dev.type == "cuda" else None
-    res["timing"] = dict(total_s=time.time() - t_start, eval_s=eval_s, **timing, activations=acts_info,
-                         peak_gpu_mem_gib=mem)
-    c2r.atomic_write(os.path.join(args.out, "results.json"), lambda p: Path(p).write_text(json.dumps(res, indent=2)))
-    print(table(res))
-    try:
-        if any(g["absorption"] for g in res["groups"]):        # a figure of absorption, where there is some
-            lm.plot(res, os.path.join(args.out, "results.png"))
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)", file=sys.stderr)
+    res["timing"] = dict(total_s=None, eval_s=time.time() - t0, **timing, activations=acts_info, peak_gpu_mem_gib=None)
+    save_and_report(args, net, res, saes, scale, t_start)
     return res, {n: s for n, (s, _) in saes.items()}
 
 

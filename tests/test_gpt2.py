@@ -398,9 +398,9 @@ class Documented:
 def test_flags_are_config_fields(capsys):
     """Every c2r.Config field but those the script sets is a flag of the same name, type and
     default (but the LM-sized n_latents, k and bf16), helped by the field's documentation."""
-    assert tg.field_docs(Documented) == {"a": "the a", "b": "b's text, which goes on on the next line [units]",
+    assert lm.field_docs(Documented) == {"a": "the a", "b": "b's text, which goes on on the next line [units]",
                                          "c": "c's docstring, on two lines", "d": "", "e": "e"}
-    docs, src = tg.field_docs(c2r.Config), open(c2r.__file__).read()
+    docs, src = lm.field_docs(c2r.Config), open(c2r.__file__).read()
     args = tg.parse_args([])
     for f in dataclasses.fields(c2r.Config):
         line = next(ln for ln in src.splitlines() if ln.startswith(f"    {f.name}: "))
