@@ -8,7 +8,7 @@ Speed of one SAE training step, side by side, and of c2r_loss alone (README, Spe
 The step rows, all TopK with the same SAE, optimiser and batch:
   ours            c2r.train's own step (sparse codes, embedding_bag decode), C²R off
   ours + C²R      the same with C²R (lambda 5, alpha 1) and c2r.train's rolling neighbour search: F/R
-                  rows a step, ranked in bf16 (R: Config's default, min(ceil(F / 512), 16,
+                  rows a step, in bf16 where fast (R: Config's default, min(ceil(F / 512), 16,
                   sqrt(0.02 / lr)), unless --nbr-every; lr: --lr, by default 2e-4 / sqrt(F / 16,384)
                   as dictionary_learning scales it), m candidates and the h busiest latents'
                   matches (--nbr-hot) re-ranked every step. After the timed steps, --err-steps more
@@ -300,7 +300,7 @@ def c2r_row(a, n_latents):
 def parts_row(a, n_latents):
     """What a step of train()'s rolling search costs, piece by piece, on a fresh SAE whose Adam has
     stepped twice (random gradients: the costs do not depend on the values): the look-ahead
-    (c2r.heading over all F rows), the search of one slice of F/R rows (ranked in bf16 at R > 1),
+    (c2r.heading over all F rows), the search of one slice of F/R rows (in bf16 at R > 1 where fast),
     the re-ranking of all F*m candidates with the h busiest latents' matches (their top-h, an [F, h]
     matmul under --amp, as in train()), the penalty (code_norms of k*B codes + C²R's terms, forward
     and backward), and train()'s check (table_error, once every log_every steps). Median of reps."""
@@ -332,7 +332,7 @@ def parts_row(a, n_latents):
 
     def search():
         with amp:
-            c2r.search_rows_(P, C, 0, hi, unit_rows=True, bf16=R > 1)
+            c2r.search_rows_(P, C, 0, hi, unit_rows=True, bf16=R > 1 and c2r.bf16_is_fast(dev))
 
     def penalty():     # as train() computes it: the terms on the unit rows, no index check
         vals.grad = W.grad = None
@@ -475,7 +475,8 @@ def main(argv=None):
     print(f"python bench.py {shlex.join(argv)}\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {dev_name}, "
           f"torch {torch.__version__}, d_model {a.d_model}, batch {a.batch}, TopK k={a.k}, "
           f"autocast {a.amp}, C²R lambda {a.c2r_lambda}, R={a.nbr_every or 'min(ceil(F / 512), 16, sqrt(0.02 / lr))'}, "
-          f"m={a.nbr_cands}, h={a.nbr_hot}, lr {a.lr or '2e-4 / sqrt(F / 16384)'}")
+          f"m={a.nbr_cands}, h={a.nbr_hot}, lr {a.lr or '2e-4 / sqrt(F / 16384)'}, the search at R > 1 ranked "
+          f"in {'bf16' if c2r.bf16_is_fast(torch.device(a.device)) else 'fp32 (bf16 is slow here)'}")
     mem = "peak MiB (cuda max allocated)" if gpu else "MiB (peak RSS growth)"
     results = []
     for n in a.n_latents:

@@ -140,10 +140,11 @@ def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False, bf16
     """cand_FM[lo:hi] <- the m = cand_FM.shape[1] most similar other latents of rows lo..hi-1, in index
     order: exact, over the whole dictionary, memory O(block * F). train() searches a slice of F/R rows
     a step, so every row is renewed once per R steps at an even cost. unit_rows: rows kept unit norm.
-    bf16 (or bf16 autocast): the cosines are ranked in bf16 (2-3x fp32's rate on a CPU, as on tensor
-    cores) and each row's 4m best measured again in fp32, the m best kept: the same m as an fp32
-    search unless 3m others lie within bf16's rounding (~1e-3) of them. Rounding alone lost the true
-    neighbour from C²R's flat-topped lists as the lr decayed (0.7 % off, 2.4 % at a step; refresh.md)."""
+    bf16 (or bf16 autocast): the cosines are ranked in bf16 (2-3x fp32's rate on tensor cores or a
+    CPU with AVX512-BF16; emulated elsewhere: ask bf16_is_fast) and each row's 4m best measured again
+    in fp32, the m best kept: the same m as an fp32 search unless 3m others lie within bf16's
+    rounding (~1e-3) of them. Rounding alone lost the true neighbour from C²R's flat-topped lists
+    as the lr decayed (0.7 % off, 2.4 % at a step; refresh.md)."""
     m, n = cand_FM.shape[1], len(W_dec_FD)
     if not 1 <= m < n:   # more would list a row as its own candidate
         raise ValueError(f"search_rows_: {m} candidates a row need at least {m + 1} latents, W_dec has {n}: "
@@ -297,7 +298,7 @@ class Config:
                                  # every step, the exact definition. 0 = the default, min(ceil(F / 512), 16,
                                  # sqrt(0.02 / lr)), floored, >= 1: ~512 rows a step or more, and lr R^2 <= 0.02, as
                                  # the table strays from exact as ~lr R^2 (0.29 % off over 6,000 steps at 8,192
-                                 # latents, R 8; results/refresh.md). R > 1 ranks in bf16 (search_rows_)
+                                 # latents, R 8; results/refresh.md). R > 1 ranks in bf16 where fast
     nbr_cands: int = 16          # m: each latent's candidates from its last search, re-ranked every step with the
                                  # latents that list it [latents] (fewer: further off exact; refresh.md)
     nbr_ahead: float = 1.0       # the search looks where the rows will be after (R - 1) * nbr_ahead more steps of
@@ -496,6 +497,16 @@ def sharded(search, lo, hi):
 # -----------------------------------------------------------------------------
 # Training
 
+def bf16_is_fast(device):
+    """Whether bf16 matmuls outrun fp32 ones on `device`, so that train() ranks its search in bf16:
+    a GPU with bf16 tensor cores (compute capability 8.0 on), a CPU with AVX512-BF16 or AMX (2.3x
+    fp32's rate on one). Elsewhere bf16 is emulated: on an AVX2 CPU 6.5x *slower* than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")      # torch's own (private: absent = no)
+    return device.type == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
 @torch.no_grad()
 def table_error(sae, a_F, k, rows=512):
     """How far train()'s neighbour table sae.nbr_F is from exact, for the log: |sum of C²R's terms
@@ -593,6 +604,7 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
     bad_loss = torch.zeros((), dtype=torch.bool, device=dev)
     bad_batch = torch.zeros((), dtype=torch.bool, device=dev)
     checked, n_ranks, nbr_err, warned, far = start, world()[1], None, False, 0
+    fast = bf16_is_fast(dev)
     sae.train()
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True)
     for step in pbar:
@@ -650,8 +662,8 @@ def train(sae, batches, cfg=None, progress=True, start=0, opt_state=None, on_ste
                 never_searched = step == start and C[0, 0] < 0   # SAE() fills C with -1; a resume keeps its lists
                 lo, hi = (0, n) if never_searched else (step % R * n // R, (step % R + 1) * n // R)
                 P = heading(W, opt, (R - 1) * cfg.nbr_ahead, n_adam)   # the candidates serve R - 1 more steps
-                C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True, bf16=R > 1)[a:b].clone(),
-                                   lo, hi)     # R > 1: ranked in bf16 (R = 1 stays exact)
+                C[lo:hi] = sharded(lambda a, b: search_rows_(P, C, a, b, unit_rows=True, bf16=R > 1 and fast)[a:b]
+                                   .clone(), lo, hi)     # R > 1: ranked in bf16 where it is fast (R = 1 stays exact)
                 h = cfg.nbr_hot_count()
                 hot = a_F.detach().topk(h).indices if h else None
                 sae.nbr_F.copy_(rerank(W, C, unit_rows=True, hot_H=hot))

@@ -374,6 +374,9 @@ def main():
     ap.add_argument("--m", type=int, default=c2r.Config.nbr_cands, help="nbr_cands of the run")
     ap.add_argument("--ahead", type=float, default=c2r.Config.nbr_ahead, help="nbr_ahead of the run")
     ap.add_argument("--hot", type=int, default=c2r.Config.nbr_hot, help="nbr_hot of the run (h; 0: none)")
+    ap.add_argument("--search", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="train()'s search at R > 1: ranked as c2r.bf16_is_fast says for this CPU (auto), or in "
+                         "bf16 / fp32 whatever its speed here")
     ap.add_argument("--also", nargs="*", default=[], help="searches run alongside: roll:R:m, full:R")
     ap.add_argument("--n-latents", type=int, default=4096, help="npy only (the toy: train_toy's)")
     ap.add_argument("--k", type=int, default=16, help="npy only")
@@ -389,6 +392,8 @@ def main():
     ap.add_argument("--text", default="/work/data/text", help="--harvest: a folder of .txt files")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.search != "auto":
+        c2r.bf16_is_fast = lambda device: args.search == "bf16"
     if args.every < 1:
         ap.error(f"--every must be >= 1, got {args.every}")
     if args.cost:

@@ -400,6 +400,22 @@ def test_bf16_search_then_fp32_rerank_is_exact():
     assert want[0] == 1 and torch.equal(got, want)
 
 
+def test_train_ranks_its_search_in_bf16_only_where_bf16_is_fast(monkeypatch):
+    """A CPU without AVX512-BF16 or AMX emulates bf16 matmuls, 6.5x slower than fp32 (refresh.md,
+    eighteenth pass): train() ranks its search in bf16 at R > 1 only where bf16_is_fast says it
+    pays, and never at R = 1 (the exact definition)."""
+    assert c2r.bf16_is_fast(torch.device("meta")) is False
+    seen, real = [], c2r.search_rows_
+    monkeypatch.setattr(c2r, "search_rows_", lambda *a, **k: seen.append(k["bf16"]) or real(*a, **k))
+    x = torch.randn(3 * 32, 16, generator=torch.Generator().manual_seed(0))
+    for fast, R in ((True, 4), (False, 4), (True, 1)):
+        monkeypatch.setattr(c2r, "bf16_is_fast", lambda dev: fast)
+        cfg = c2r.Config(d_model=16, n_latents=64, k=4, c2r_lambda=1, nbr_every=R, steps=3, log_every=1)
+        seen.clear()
+        c2r.train(c2r.SAE(cfg), x.split(32), progress=False)
+        assert seen == [fast and R > 1] * 3, (fast, R)
+
+
 def test_bf16_search_measures_its_best_again_in_fp32():
     """search_rows_(bf16=True), or under bf16 autocast, ranks in bf16 and measures each row's 4m best
     again in fp32: the same candidates as an fp32 search, also where more than m near-ties round to
