@@ -135,6 +135,16 @@ def nearest_neighbours(W_dec_FD, *, block=2048):
     return nbr_F
 
 
+def bf16_is_fast(device):
+    """Whether bf16 matmuls outrun fp32 ones on `device`, so that train() ranks its search in bf16:
+    a GPU with bf16 tensor cores (compute capability 8.0 on), a CPU with AVX512-BF16 or AMX (2.3x
+    fp32's rate on one). Elsewhere bf16 is emulated: on an AVX2 CPU 6.5x *slower* than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")      # torch's own (private: absent = no)
+    return device.type == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
 @torch.no_grad()
 def search_rows_(W_dec_FD, cand_FM, lo, hi, *, block=2048, unit_rows=False, bf16=False):
     """cand_FM[lo:hi] <- the m = cand_FM.shape[1] most similar other latents of rows lo..hi-1, in index
@@ -496,16 +506,6 @@ def sharded(search, lo, hi):
 
 # -----------------------------------------------------------------------------
 # Training
-
-def bf16_is_fast(device):
-    """Whether bf16 matmuls outrun fp32 ones on `device`, so that train() ranks its search in bf16:
-    a GPU with bf16 tensor cores (compute capability 8.0 on), a CPU with AVX512-BF16 or AMX (2.3x
-    fp32's rate on one). Elsewhere bf16 is emulated: on an AVX2 CPU 6.5x *slower* than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")      # torch's own (private: absent = no)
-    return device.type == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
 
 @torch.no_grad()
 def table_error(sae, a_F, k, rows=512):

@@ -37,7 +37,9 @@ def rolling_recipe():
     norms = next(line for line in RECIPE_SPARSE.splitlines(True) if line.lstrip().startswith("a_F = "))
     assert search in RECIPE_SPARSE and norms in RECIPE_SPARSE
     sparse = RECIPE_SPARSE.replace(search, "").replace(norms, norms + roll)
-    return "from c2r import heading, rerank, search_rows_\n" + sparse
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    imports = re.search(r"\*\*At scale\*\*.*?`(from c2r import [^`]+)`", readme, re.S)[1]     # as README says
+    return imports + "\n" + sparse
 
 
 RECIPE_ROLL = rolling_recipe()
@@ -164,7 +166,7 @@ def test_pasted_block_alone_is_c2r():
     ns = {}
     exec(block, ns)
     assert {"c2r_loss", "c2r_penalty", "nearest_neighbours", "code_norms", "search_rows_", "rerank",
-            "heading"} <= ns.keys()
+            "heading", "bf16_is_fast"} <= ns.keys()
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 6, generator=g, dtype=torch.float64)
