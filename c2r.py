@@ -138,9 +138,9 @@ def nearest_neighbours(W_dec_FD, *, block=2048):
 def bf16_is_fast(device):
     """Whether bf16 matmuls outrun fp32 ones on `device`, so that train() ranks its search in bf16:
     a GPU with bf16 tensor cores (compute capability 8.0 on), a CPU with AVX512-BF16 or AMX (2.3x
-    fp32's rate on one). Elsewhere bf16 is emulated: on an AVX2 CPU 6.5x *slower* than fp32."""
+    fp32's rate on the one measured). Elsewhere bf16 is emulated: 6.5x *slower* on an AVX2 CPU."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.get_device_capability(device)[0] >= 8
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")      # torch's own (private: absent = no)
     return device.type == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
